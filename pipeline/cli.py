@@ -1,0 +1,72 @@
+"""``python -m pipeline <stage> --recipe R.yaml [--dry-run] [key.path=value ...]``
+
+One entry point for every stage. User mistakes print one ``error:`` line and exit 2; the Makefile and the
+launchers only call this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.errors import UserError
+
+# stage name -> (module under pipeline.stages, one-line description)
+STAGES = {
+    "params": ("params", "print total and active parameters per layer kind"),
+    "pretrain": ("pretrain", "train the parent as a plain language model"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser)
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+        add = getattr(_stage_module(module), "add_arguments", None)
+        if add:
+            add(p)
+    return parser
+
+
+def _stage_module(module: str):
+    return importlib.import_module(f"pipeline.stages.{module}")
+
+
+def main(argv=None) -> None:
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(argv=None) -> None:
+    from pipeline.config import dump_recipe, load_recipe
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.stage:
+        parser.print_help()
+        raise UserError("no stage given")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(f"# resolved recipe for stage '{args.stage}' from {args.recipe}")
+        print(dump_recipe(recipe), end="")
+        check = getattr(_stage_module(STAGES[args.stage][0]), "dry_run", None)
+        if check:
+            check(recipe, args)
+        return
+    _stage_module(STAGES[args.stage][0]).main(recipe, args)

@@ -1,0 +1,151 @@
+"""Recipe loading: YAML + CLI overrides -> a typed, validated ``Recipe``.
+
+Every mistake becomes a ``UserError`` naming the key path and the file; unknown keys suggest the closest
+valid key. The stage blocks' partial ``training`` sections are filled from the top-level ``training``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Dict, List
+
+import yaml
+
+from pipeline.config.schema import TRAIN_STAGES, Recipe, TrainingConfig
+from pipeline.errors import UserError
+
+
+def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
+    """Read ``path``, apply ``key.path=value`` overrides, build and validate the recipe."""
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = build_recipe(raw, source=path)
+    from pipeline.config.validate import validate
+
+    validate(recipe, source=path)
+    return recipe
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: Dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML, so 3, 1e-4, true, [1, 2] get their types)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected key.path=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override {item!r}: empty key component")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_recipe(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
+    raw = dict(raw)
+    top_training = raw.get("training") or {}
+    for stage in TRAIN_STAGES:
+        block = raw.get(stage)
+        if block is None:
+            block = {}
+        if not isinstance(block, dict):
+            raise UserError(f"{source}: {stage} must be a mapping, got {type(block).__name__}")
+        stage_training = block.get("training") or {}
+        if not isinstance(stage_training, dict):
+            raise UserError(f"{source}: {stage}.training must be a mapping")
+        if not isinstance(top_training, dict):
+            raise UserError(f"{source}: training must be a mapping")
+        raw[stage] = {**block, "training": {**top_training, **stage_training}}
+    return to_dataclass(Recipe, raw, path="", source=source)
+
+
+def to_dataclass(cls, data: Any, path: str, source: str):
+    where = path or "the recipe"
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+            raise UserError(f"{source}: unknown key '{_join(path, key)}'{hint}")
+    kwargs = {k: convert(hints[k], v, _join(path, k), source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def convert(tp, value: Any, path: str, source: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return to_dataclass(tp, value or {}, path, source)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return convert(args[0], value, path, source)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {path} must be a list, got {_describe(value)}")
+        (item,) = typing.get_args(tp)
+        return [convert(item, v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {path} must be a mapping, got {_describe(value)}")
+        _, item = typing.get_args(tp)
+        return {k: convert(item, v, f"{path}.{k}", source) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and value is None:
+        return ""
+    if tp is bool and not isinstance(value, bool) or not isinstance(value, tp) or (
+        tp is int and isinstance(value, bool)
+    ):
+        raise UserError(f"{source}: {path} must be {tp.__name__}, got {_describe(value)}")
+    return value
+
+
+def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def stage_training(recipe: Recipe, stage: str) -> TrainingConfig:
+    return getattr(recipe, stage).training
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__

@@ -1,0 +1,10 @@
+"""User-facing errors: one clear line, exit code 2, no stack trace (see pipeline.cli)."""
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (recipe key, data file, checkpoint, CLI flag).
+
+    The message must name *what* is wrong and *where* (file, key path, line) in one line.
+    """
+
+    exit_code = 2
