@@ -1,0 +1,238 @@
+"""Make megatron-core 0.19.2 run on a CPU-only machine (CI, laptops). Active only without CUDA.
+
+megatron-core assumes CUDA in a few dozen places (``torch.cuda.current_device()`` as a device,
+``device="cuda"`` literals, CUDA RNG tracker, streams/events, ``torch.cuda.synchronize``) and takes
+Mamba-2's SSD scan and gated norm from mamba-ssm's Triton kernels. Rather than editing site-packages, the
+modules listed in ``PATCHED_MODULES`` see a ``torch`` whose ``cuda`` namespace and tensor factories map CUDA
+to CPU, and the Mamba mixer sees our plain-PyTorch kernels (``te_kernels``). Nothing changes when CUDA is
+available. ``report()`` lists the call sites that were actually redirected, so a megatron-core version bump
+shows what changed; ``tests/test_compat_cpu.py`` pins the version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+from collections import Counter
+
+import torch
+
+MCORE_VERSION = "0.19.2"
+
+# modules whose global name ``torch`` is replaced by the CPU proxy
+PATCHED_MODULES = (
+    "megatron.core.ssm.mamba_mixer",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.torch",
+)
+
+_hits: Counter = Counter()
+_applied = False
+
+
+def _record(what: str) -> None:
+    frame = sys._getframe(2)
+    _hits[f"{frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno} {what}"] += 1
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda"
+    ):
+        return torch.device("cpu")
+    return device
+
+
+class _Dummy:
+    """Stands in for CUDA streams, events and stream contexts."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: _Dummy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def query(self):
+        return True
+
+
+class _CudaNamespace(types.SimpleNamespace):
+    """``torch.cuda`` with device queries answered by the CPU and RNG calls mapped to the CPU generator."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    def current_device(self):
+        _record("torch.cuda.current_device")
+        return torch.device("cpu")
+
+    def synchronize(self, *a, **k):
+        _record("torch.cuda.synchronize")
+
+    def empty_cache(self):
+        pass
+
+    def is_available(self):
+        return False
+
+    def device_count(self):
+        return 0
+
+    def current_stream(self, *a, **k):
+        _record("torch.cuda.current_stream")
+        return _Dummy()
+
+    def stream(self, *a, **k):
+        return contextlib.nullcontext()
+
+    Stream = _Dummy
+    Event = _Dummy
+
+    def get_rng_state(self, *a, **k):
+        _record("torch.cuda.get_rng_state")
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, *a, **k):
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed):
+        torch.manual_seed(seed)
+
+    def memory_allocated(self, *a, **k):
+        return 0
+
+    max_memory_allocated = memory_allocated
+
+    def nvtx(self):
+        return torch.cuda.nvtx
+
+
+_FACTORIES = ("tensor", "empty", "zeros", "ones", "full", "arange", "rand", "randn", "randint",
+              "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "randperm", "eye")
+
+
+class _TorchProxy(types.ModuleType):
+    """The ``torch`` module as the patched megatron modules see it on CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaNamespace()
+        for name in _FACTORIES:
+            setattr(self, name, self._factory(getattr(torch, name), name))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _factory(fn, name):
+        def call(*args, **kwargs):
+            if "device" in kwargs:
+                mapped = _cpu_device(kwargs["device"])
+                if mapped is not kwargs["device"]:
+                    _record(f"torch.{name}(device=cuda)")
+                kwargs["device"] = mapped
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def _tensor_cuda(self, *a, **k):
+    _record("Tensor.cuda()")
+    return self
+
+
+def apply() -> None:
+    """Install the CPU fallbacks (idempotent). A no-op when CUDA is available."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    import megatron.core
+
+    version = megatron.core.__version__ if hasattr(megatron.core, "__version__") else "?"
+    if not version.startswith(MCORE_VERSION):
+        import warnings
+
+        warnings.warn(f"pipeline.compat.cpu is written for megatron-core {MCORE_VERSION}, found {version}; "
+                      "re-check the patched call sites (see report())")
+    proxy = _TorchProxy()
+    for name in PATCHED_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+    torch.Tensor.cuda = _tensor_cuda
+    _install_rng_tracker_on_cpu_generator()
+    _install_mamba_kernels()
+    _applied = True
+
+
+def _install_rng_tracker_on_cpu_generator() -> None:
+    """megatron's RNG tracker (TP-distinct init, recompute) swaps CUDA generator states; use the CPU one."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        _record("tensor_parallel.random._get_cuda_rng_state")
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+
+def _install_mamba_kernels() -> None:
+    """The Mamba mixer's Triton SSD scan and gated RMSNorm -> the plain-PyTorch versions in te_kernels."""
+    from megatron.core.ssm import mamba_mixer
+
+    if mamba_mixer.HAVE_MAMBA_SSM and mamba_mixer.mamba_chunk_scan_combined is not None:
+        return  # real mamba-ssm present (never on CPU: Triton has no CPU backend)
+    from te_kernels.gated_rmsnorm import GatedRMSNorm
+    from te_kernels.ssd_torch import mamba_chunk_scan_combined
+
+    class ExtendedRMSNorm(GatedRMSNorm):
+        """megatron's ExtendedRMSNorm contract: weight TP-sharded along dim 0."""
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            return make_sharded_tensors_for_checkpoint(
+                self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+
+    mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
+    mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
+    mamba_mixer.RMSNormGated = GatedRMSNorm
+    mamba_mixer.HAVE_MAMBA_SSM = True
+
+
+def report() -> str:
+    """The call sites redirected so far in this process, most frequent first."""
+    return "\n".join(f"{n:6d}  {site}" for site, n in _hits.most_common())

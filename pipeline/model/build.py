@@ -1,0 +1,130 @@
+"""The model provider: recipe -> ``TransformerConfig`` -> megatron-core ``HybridModel``.
+
+Holds no training logic, so importance, elastic, export and tests build the same model. Parallel state must
+be initialised first (``pipeline.parallel.initialize``).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer import TransformerConfig
+
+from pipeline.config.schema import Recipe
+from pipeline.model.spec import get_backend, hybrid_stack_spec, te_available
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+ACTIVATIONS = {"squared_relu": squared_relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False) -> TransformerConfig:
+    m, p = recipe.model, recipe.parallelism
+    has_moe = "E" in m.pattern
+    bf16 = dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.attention_head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        add_bias_linear=False,
+        gated_linear_unit=False,
+        activation_func=ACTIVATIONS[m.activation],
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        attention_softmax_in_fp32=True,
+        # Mamba-2
+        mamba_state_dim=m.mamba_state_dim,
+        mamba_head_dim=m.mamba_head_dim,
+        mamba_num_groups=m.mamba_num_groups,
+        mamba_num_heads=m.mamba_num_heads,
+        use_mamba_mem_eff_path=False,  # fused path needs causal-conv1d; ours: conv1d -> SSD -> gated norm
+        # MoE (Nano v3: sigmoid scores, expert bias for selection, normalised top-k x scaling)
+        num_moe_experts=m.num_experts if has_moe else None,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size if has_moe else None,
+        moe_shared_expert_intermediate_size=(m.moe_shared_expert_ffn_hidden_size or None) if has_moe else None,
+        moe_router_topk=m.moe_topk,
+        moe_router_score_function=m.moe_score_function,
+        moe_router_enable_expert_bias=m.moe_expert_bias and has_moe,
+        moe_router_bias_update_rate=m.moe_expert_bias_update_rate,
+        moe_router_topk_scaling_factor=m.moe_topk_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=p.moe_token_dispatcher,
+        moe_grouped_gemm=te_available() and has_moe,
+        # parallelism
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        expert_model_parallel_size=p.ep,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.tp > 1 and p.sequence_parallel,
+        recompute_granularity="full" if p.recompute == "full" else None,
+        recompute_method="uniform" if p.recompute == "full" else None,
+        recompute_num_layers=1 if p.recompute == "full" else None,
+        # precision
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # kernels that need apex / TE stay off without them
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=use_cpu_init,
+    )
+
+
+def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
+    """Insert '|' stage boundaries (megatron's explicit PP layout); balanced when pp_layers is empty."""
+    if pp == 1:
+        return pattern
+    if not pp_layers:
+        base, extra = divmod(len(pattern), pp)
+        pp_layers = [base + (1 if i < extra else 0) for i in range(pp)]
+    out, start = [], 0
+    for n in pp_layers:
+        out.append(pattern[start:start + n])
+        start += n
+    return "|".join(out)
+
+
+def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
+                use_te=None) -> HybridModel:
+    use_te = te_available() if use_te is None else use_te
+    cpu = not torch.cuda.is_available()
+    config = transformer_config(recipe, dtype, use_cpu_init=cpu)
+    m, p = recipe.model, recipe.parallelism
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size)
+    model = HybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_sequence_length,
+        hybrid_layer_pattern=pipeline_pattern(m.pattern, p.pp, p.pp_layers),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="none",
+    )
+    if not cpu:
+        model.cuda()
+    return model
