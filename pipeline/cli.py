@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 # stage name -> (module under pipeline.stages, one-line description)
 STAGES = {
     "params": ("params", "print total and active parameters per layer kind"),
+    "data": ("data", "tokenize the recipe's sources into megatron indexed datasets + blend"),
     "pretrain": ("pretrain", "train the parent as a plain language model"),
 }
 

@@ -44,6 +44,10 @@ PATCHED_MODULES = (
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.validation",
 )
 
 _hits: Counter = Counter()
@@ -169,6 +173,20 @@ def _tensor_cuda(self, *a, **k):
     return self
 
 
+_tensor_type_orig = torch.Tensor.type
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    """``param.type() == 'torch.cuda.FloatTensor'`` asserts (optimizers, clip_grads) see the CUDA name."""
+    if dtype is None and not kwargs:
+        name = _tensor_type_orig(self)
+        if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+            _record("Tensor.type()")
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+    return _tensor_type_orig(self, dtype, non_blocking, **kwargs)
+
+
 def apply() -> None:
     """Install the CPU fallbacks (idempotent). A no-op when CUDA is available."""
     global _applied
@@ -188,6 +206,7 @@ def apply() -> None:
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
     torch.Tensor.cuda = _tensor_cuda
+    torch.Tensor.type = _tensor_type
     _install_rng_tracker_on_cpu_generator()
     _install_mamba_kernels()
     _applied = True

@@ -1,0 +1,169 @@
+"""Sharded checkpoints through ``megatron.core.dist_checkpointing`` (reshardable across TP/PP/EP/DP).
+
+Layout of a stage directory::
+
+    checkpoints/iter_0000500/                  # one dist checkpoint: model, optimizer, scheduler, state, rng
+    checkpoints/latest_checkpointed_iteration.txt   # written last, so a torn save is never picked up
+
+``state`` is plain data (iteration, consumed samples, world size, task extras); RNG states are per rank and
+are restored only at the same world size.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import StrictHandling
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+from pipeline.errors import UserError
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve(path_or_root: str) -> str:
+    """A checkpoint directory from either an ``iter_*`` dir or a ``checkpoints`` root (its latest)."""
+    if os.path.isfile(os.path.join(path_or_root, "metadata.json")):
+        return path_or_root
+    it = latest_iteration(path_or_root)
+    if it is None:
+        raise UserError(f"no checkpoint found at {path_or_root} (no metadata.json, no {LATEST})")
+    d = iter_dir(path_or_root, it)
+    if not os.path.isdir(d):
+        raise UserError(f"{os.path.join(path_or_root, LATEST)} names iteration {it} but {d} is missing")
+    return d
+
+
+def _thread_results_queue() -> None:
+    # Synchronous saves write from threads; megatron still creates a spawn-context Manager queue for them
+    # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need.
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _rank_object(key: str, data: Any) -> ShardedObject:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject(key, data, (world,), (rank,), replica_id=0)
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    """DDP-wrapped or bare, checkpoints hold the bare model's keys."""
+    return getattr(m, "module", m)
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _model_sharded(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    n = len(model_chunks)
+    return {_model_key(i, n): _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+def rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None, state=None,
+         keep_last: int = 0, async_save: bool = False) -> str:
+    _thread_results_queue()
+    d = iter_dir(root, iteration)
+    if dist.get_rank() == 0:
+        if os.path.isdir(d):
+            shutil.rmtree(d)  # a torn save of the same iteration from a killed run
+        os.makedirs(d)
+    dist.barrier()
+    sd = _model_sharded(model_chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    sd["state"] = dict(state or {}, iteration=iteration, world_size=dist.get_world_size())
+    sd["rng"] = _rank_object("rng_state", rng_state())
+    dist_checkpointing.save(sd, d)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = os.path.join(root, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, LATEST))
+        _prune(root, keep_last)
+    dist.barrier()
+    return d
+
+
+def _prune(root: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    iters = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit())
+    for it in iters[:-keep_last]:
+        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+
+
+def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool = True) -> Dict[str, Any]:
+    """Load a full training state (or only the model when optimizer is None); returns ``state``."""
+    _check_dir(ckpt)
+    sd = _model_sharded(model_chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    same_world = common.get("state", {}).get("world_size") == dist.get_world_size()
+    if load_rng and same_world:
+        sd["rng"] = _rank_object("rng_state", None)
+    try:
+        loaded = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except Exception as e:  # a checkpoint of another model: name the tensor that does not fit
+        raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
+    for i, m in enumerate(model_chunks):
+        missing, unexpected = _unwrap(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    if "rng" in loaded:
+        set_rng_state(loaded["rng"])
+    return common.get("state", {})
+
+
+def _check_dir(ckpt: str) -> None:
+    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        raise UserError(f"{ckpt} is not a megatron dist checkpoint (metadata.json missing)")

@@ -1,0 +1,195 @@
+"""The training loop shared by pretrain, the elastic stages and QAD.
+
+megatron-core does the work: pipeline schedules (``get_forward_backward_func``), DDP, the optimizer and
+its LR schedule, dist checkpointing. This file orders them: resume -> steps -> log -> save, and turns
+SIGTERM (SLURM preemption) into "save, then exit 0" on all ranks together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from pipeline import parallel
+from pipeline.config.load import recipe_to_dict
+from pipeline.config.schema import Recipe
+from pipeline.errors import UserError
+from pipeline.training import checkpoint, metrics
+from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
+from pipeline.training.task import Task
+
+
+def stage_dir(recipe: Recipe, stage: str) -> str:
+    return os.path.join(recipe.run.root, recipe.run.name, stage)
+
+
+def resolve_init(recipe: Recipe, init_from: str) -> str:
+    """``init_from`` is another stage's name (its latest checkpoint) or a checkpoint path."""
+    if os.path.exists(init_from):
+        return checkpoint.resolve(init_from)
+    d = os.path.join(stage_dir(recipe, init_from), "checkpoints")
+    if not os.path.isdir(d):
+        raise UserError(f"training.init_from = {init_from!r}: neither a path nor a finished stage ({d} missing)")
+    return checkpoint.resolve(d)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, stage: str, task: Task):
+        self.recipe, self.stage, self.task = recipe, stage, task
+        self.t = getattr(recipe, stage).training
+        self.dir = stage_dir(recipe, stage)
+        self.ckpt_root = os.path.join(self.dir, "checkpoints")
+        self._stop = False
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.device = parallel.initialize(self.recipe)
+        t = self.t
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        if t.global_batch_size % (t.micro_batch_size * self.dp):
+            raise UserError(f"{self.stage}.training.global_batch_size = {t.global_batch_size} is not a multiple of "
+                            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {self.dp}")
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                          and self.dp_rank == 0)
+        if dist.get_rank() == 0:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            with open(os.path.join(self.dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(recipe_to_dict(self.recipe), f, sort_keys=False)
+        dist.barrier()
+
+        model = self.task.build_model(torch.bfloat16 if self.bf16 else torch.float32)
+        self.model = [wrap_ddp(self.recipe, model)]
+        self.optimizer, self.scheduler = build_optimizer(self.recipe, t, self.model, self.bf16,
+                                                         self.task.optimizer_overrides())
+        hook_model_config(self.model, self.optimizer)
+        self.iteration, self.consumed = 0, 0
+        latest = checkpoint.latest_iteration(self.ckpt_root)
+        if latest is not None:
+            state = checkpoint.load(checkpoint.iter_dir(self.ckpt_root, latest), self.model, self.optimizer,
+                                    self.scheduler)
+            self.iteration, self.consumed = state["iteration"], state["consumed_samples"]
+            self.task.load_state_dict(state.get("task", {}))
+            self.log(f"resumed from {checkpoint.iter_dir(self.ckpt_root, latest)} (iteration {self.iteration})")
+        elif t.init_from:
+            src = resolve_init(self.recipe, t.init_from)
+            checkpoint.load(src, [m.module for m in self.model], load_rng=False)
+            self.log(f"initialised weights from {src}")
+        self.task.setup(self.model, self.device)
+        self.data = self.task_batches(self.consumed)
+
+    def task_batches(self, consumed: int):
+        t = self.t
+        if t.data == "synthetic":
+            from pipeline.training.synthetic import synthetic_batches
+
+            return synthetic_batches(self.recipe.model.vocab_size, t.seq_length, self.recipe.run.seed, consumed,
+                                     t.micro_batch_size, self.dp_rank, self.dp)
+        from data_prep.loading import train_batches
+
+        return train_batches(self.recipe, self.stage, consumed, t.micro_batch_size, self.dp_rank, self.dp)
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.setup()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            parallel.shutdown()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    def _train(self) -> None:
+        t, ck = self.t, self.recipe.checkpointing
+        writer = metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard) if self.is_logger else None
+        fpt = metrics.flops_per_token(self.recipe.model, t.seq_length)
+        peak = metrics.peak_tflops(self.recipe.logging.peak_tflops)
+        timer, start_time, start_iter = metrics.StepTimer(), time.perf_counter(), self.iteration
+        last_saved = self.iteration if checkpoint.latest_iteration(self.ckpt_root) == self.iteration else None
+        values = {}
+        while self.iteration < t.train_iters:
+            values = self.step()
+            self.iteration += 1
+            self.consumed += t.global_batch_size
+            timer.tick()
+            if writer:
+                writer.write(self.iteration, values)
+            if self.iteration % self.recipe.logging.log_interval == 0 or self.iteration == t.train_iters:
+                step_time = timer.take()
+                tokens = t.global_batch_size * t.seq_length / step_time / dist.get_world_size()
+                values.update(tokens_per_s_per_gpu=tokens, mem_gib=metrics.memory_gib())
+                if peak:
+                    values["mfu"] = tokens * fpt / (peak * 1e12)
+                done = self.iteration - start_iter
+                eta = (time.perf_counter() - start_time) / done * (t.train_iters - self.iteration)
+                self.log(metrics.log_line(self.iteration, t.train_iters, values, f"eta {metrics.fmt_eta(eta)}"),
+                         logger_rank=True)
+            if self._stop_requested():
+                self.save()
+                self.log(f"preempted: saved iter {self.iteration}", logger_rank=True)
+                return
+            if ck.save_interval and self.iteration % ck.save_interval == 0:
+                self.save()
+                last_saved = self.iteration
+        if last_saved != self.iteration:
+            self.save()
+        if self.is_logger:
+            writer.close()
+            with open(os.path.join(self.dir, "final.json"), "w") as f:
+                json.dump({"iteration": self.iteration, "loss": values.get("loss")}, f)
+        self.log(f"done: {self.iteration} iterations, checkpoints in {self.ckpt_root}", logger_rank=True)
+
+    def step(self) -> dict:
+        t = self.t
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_dicts = get_forward_backward_func()(
+            forward_step_func=self.task.forward_step, data_iterator=self.data, model=self.model,
+            num_microbatches=self.num_micro, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {self.iteration + 1} failed (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        values = self.task.reduce_logs(loss_dicts) if parallel_state.is_pipeline_last_stage() else {}
+        values = self._average_over_dp(values)
+        values.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"])
+        return values
+
+    def _average_over_dp(self, values: dict) -> dict:
+        if not values or self.dp == 1:
+            return values
+        vec = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+        return {k: float(v) / self.dp for k, v in zip(values, vec.tolist())}
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self) -> None:
+        state = {"consumed_samples": self.consumed, "stage": self.stage, "task": self.task.state_dict()}
+        checkpoint.save(self.ckpt_root, self.iteration, self.model, self.optimizer, self.scheduler, state,
+                        keep_last=self.recipe.checkpointing.keep_last)
+        self.log(f"saved checkpoint {checkpoint.iter_dir(self.ckpt_root, self.iteration)}", logger_rank=True)
+
+    def log(self, msg: str, logger_rank: bool = False) -> None:
+        if (self.is_logger if logger_rank else dist.get_rank() == 0):
+            print(f"[{self.stage}] {msg}", flush=True)

@@ -1,0 +1,64 @@
+"""What a training stage optimises. The loop (``loop.py``) is shared; stages differ in their Task.
+
+A Task builds the trainable model, turns a micro-batch into (output, loss_func) for megatron's pipeline
+schedules, and may carry extra checkpointed state. ``LMTask`` is plain next-token prediction (pretrain).
+"""
+
+from __future__ import annotations
+
+import abc
+from functools import partial
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+from pipeline.config.schema import Recipe
+from pipeline.model.build import build_model
+
+
+class Task(abc.ABC):
+    name = "task"
+
+    def __init__(self, recipe: Recipe, stage: str):
+        self.recipe = recipe
+        self.stage = stage
+
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        return build_model(self.recipe, dtype)
+
+    def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
+        """Called once the model is wrapped and weights are loaded (teachers, routers...)."""
+
+    def optimizer_overrides(self):
+        return None
+
+    @abc.abstractmethod
+    def forward_step(self, data_iterator: Iterator[Dict[str, torch.Tensor]], model) -> Tuple[torch.Tensor, Any]:
+        """(output tensor, loss_func(output) -> (loss, {name: value})) for one micro-batch."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Mean of every reported value over the step's micro-batches."""
+        keys = loss_dicts[0].keys() if loss_dicts else []
+        return {k: float(torch.stack([d[k].float() for d in loss_dicts]).mean()) for k in keys}
+
+
+def masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    loss = (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    return loss, {"loss": loss.detach().clone()}
+
+
+class LMTask(Task):
+    name = "lm"
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return per_token, partial(masked_mean, batch["loss_mask"])
