@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
 
 from pipeline.errors import UserError
 
@@ -25,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stage: str = "") -> argparse.ArgumentParser:
+    """Only the chosen stage's module is imported (stages import megatron; ``params`` need not)."""
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser)
     for name, (module, help_text) in STAGES.items():
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
-        add = getattr(_stage_module(module), "add_arguments", None)
+        add = getattr(_stage_module(module), "add_arguments", None) if name == stage else None
         if add:
             add(p)
     return parser
@@ -43,7 +47,20 @@ def _stage_module(module: str):
     return importlib.import_module(f"pipeline.stages.{module}")
 
 
+def quiet_libraries() -> None:
+    """megatron-core warns about every missing optional kernel (TE, apex) on import; keep our log readable.
+    PIPELINE_DEBUG=1 shows everything."""
+    if os.environ.get("PIPELINE_DEBUG"):
+        return
+    warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers|modelopt)\b.*")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> None:
+    quiet_libraries()
     try:
         run(argv)
     except UserError as e:
@@ -57,7 +74,8 @@ def main(argv=None) -> None:
 def run(argv=None) -> None:
     from pipeline.config import dump_recipe, load_recipe
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     if not args.stage:
         parser.print_help()

@@ -122,6 +122,11 @@ def convert(tp, value: Any, path: str, source: str):
         return {k: convert(item, v, f"{path}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and value is None:
         return ""
     if tp is bool and not isinstance(value, bool) or not isinstance(value, tp) or (

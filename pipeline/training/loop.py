@@ -88,6 +88,11 @@ class Trainer:
             self.log(f"initialised weights from {src}")
         self.task.setup(self.model, self.device)
         self.data = self.task_batches(self.consumed)
+        p = self.recipe.parallelism
+        n_params = sum(p_.numel() for p_ in model.parameters())
+        self.log(f"{self.recipe.run.name}: {n_params:,} parameters on this rank | tp {p.tp} pp {p.pp} ep {p.ep} "
+                 f"cp {p.cp} dp {self.dp} | {self.device.type} {'bf16' if self.bf16 else 'fp32'} | "
+                 f"{t.train_iters} steps x {t.global_batch_size} x {t.seq_length} tokens ({t.data})")
 
     def task_batches(self, consumed: int):
         t = self.t
