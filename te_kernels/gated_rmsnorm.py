@@ -15,16 +15,17 @@ from torch import nn
 
 def gated_rmsnorm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
     dtype = x.dtype
-    x = x.float()
+    f = torch.promote_types(dtype, torch.float32)
+    x = x.to(f)
     if z is not None and not norm_before_gate:
-        x = x * F.silu(z.float())
+        x = x * F.silu(z.to(f))
     shape = x.shape
     g = group_size or shape[-1]
     xg = x.reshape(*shape[:-1], shape[-1] // g, g)
     xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
-    y = xg.reshape(shape) * weight.float()
+    y = xg.reshape(shape) * weight.to(f)
     if z is not None and norm_before_gate:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(f))
     return y.to(dtype)
 
 

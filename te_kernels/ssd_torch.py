@@ -91,24 +91,25 @@ def mamba_chunk_scan_combined(
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
         raise NotImplementedError("packed sequences need mamba-ssm's Triton kernels (GPU)")
     out_dtype = x.dtype
+    f = torch.promote_types(x.dtype, torch.float32)  # compute in fp32 (fp64 stays fp64 for tests)
     heads, groups = x.shape[2], B.shape[2]
-    dt = dt.float()
+    dt = dt.to(f)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + dt_bias.to(f)
     if dt_softplus:
         dt = F.softplus(dt)
     if dt_limit != (0.0, float("inf")):
         dt = dt.clamp(*dt_limit)
     rep = heads // groups  # head h reads group h // rep
-    Bh = B.float().repeat_interleave(rep, dim=2)
-    Ch = C.float().repeat_interleave(rep, dim=2)
-    xf = x.float()
-    y, final = ssd_chunked(xf * dt.unsqueeze(-1), A.float() * dt, Bh, Ch, chunk_size, initial_states)
+    Bh = B.to(f).repeat_interleave(rep, dim=2)
+    Ch = C.to(f).repeat_interleave(rep, dim=2)
+    xf = x.to(f)
+    y, final = ssd_chunked(xf * dt.unsqueeze(-1), A.to(f) * dt, Bh, Ch, chunk_size, initial_states)
     if D is not None:
-        Df = D.float()
+        Df = D.to(f)
         y = y + xf * (Df.unsqueeze(-1) if Df.dim() == 1 else Df)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(f))
     y = y.to(out_dtype)
     return (y, final) if return_final_states else y
 
