@@ -34,6 +34,7 @@ PATCHED_MODULES = (
     "megatron.core.utils",
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",  # sequence-parallel gather / reduce-scatter buffers
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.pipeline_parallel.schedules",
@@ -208,6 +209,7 @@ def apply() -> None:
     torch.Tensor.cuda = _tensor_cuda
     torch.Tensor.type = _tensor_type
     _install_rng_tracker_on_cpu_generator()
+    _install_host_split_sizes()
     _install_mamba_kernels()
     _applied = True
 
@@ -225,6 +227,23 @@ def _install_rng_tracker_on_cpu_generator() -> None:
 
     mrandom._get_cuda_rng_state = get_state
     mrandom._set_cuda_rng_state = set_state
+
+
+def _install_host_split_sizes() -> None:
+    """The alltoall MoE dispatcher turns its split sizes into host numpy arrays only when they are on CUDA
+    (``maybe_move_tensor_to_cpu`` checks ``is_cuda``); on CPU they stay tensors, which gloo's
+    ``all_to_all_single`` rejects. Give it the numpy arrays it gets on GPU."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            _record("moe_utils.maybe_move_tensor_to_cpu(as_numpy)")
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def _install_mamba_kernels() -> None:
