@@ -1,0 +1,5 @@
+"""The hybrid model: specs, provider, parameter counter. No training logic here."""
+
+from te_kernels.mamba_ssm_compat import register_selective_scan_stub
+
+register_selective_scan_stub()  # before megatron's Mamba mixer imports mamba-ssm (see te_kernels)
