@@ -20,6 +20,8 @@ STAGES = {
     "params": ("params", "print total and active parameters per layer kind"),
     "data": ("data", "tokenize the recipe's sources into megatron indexed datasets + blend"),
     "pretrain": ("pretrain", "train the parent as a plain language model"),
+    "import": ("import_hf", "convert a Hugging Face NemotronH model into the run's import checkpoint"),
+    "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
 }
 
 

@@ -1,0 +1,66 @@
+"""``import`` stage: a Hugging Face NemotronH directory -> ``<run>/import/checkpoints/iter_0000000``.
+
+    python -m pipeline import --recipe R.yaml --hf /models/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
+    torchrun --nproc-per-node 8 -m pipeline import --recipe R.yaml --hf DIR     # shards at the recipe layout
+
+Later stages start from it with ``training.init_from: import``. Conversion runs on CPU (gloo); a single
+process writes the checkpoint at TP=PP=EP=1, which megatron reshards to any layout on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--hf", required=True, metavar="DIR", help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--derive-model", action="store_true",
+                        help="take the model section from config.json instead of checking the recipe's against it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing import of this run")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="checkpoint dtype (auto: as the HF tensors are stored)")
+
+
+def _layout(recipe):
+    """A single process writes at TP=PP=EP=CP=1 (dist checkpoints reshard on load)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    p = recipe.parallelism
+    if world == 1 and (p.tp, p.pp, p.ep, p.cp) != (1, 1, 1, 1):
+        print(f"import: one process, writing the checkpoint at tp=pp=ep=cp=1 (recipe layout tp={p.tp} pp={p.pp} "
+              f"ep={p.ep} cp={p.cp} loads it by resharding)")
+        p = dataclasses.replace(p, tp=1, pp=1, ep=1, cp=1, pp_layers=[])
+    return dataclasses.replace(recipe, parallelism=p, run=dataclasses.replace(recipe.run, device="cpu"))
+
+
+def dry_run(recipe, args) -> None:
+    from pipeline.hf import config as hf_config
+
+    cfg = hf_config.read_hf_config(args.hf)
+    where = os.path.join(args.hf, "config.json")
+    if args.derive_model:
+        hf_config.model_from_hf(cfg, recipe.model, where)
+    else:
+        hf_config.check_model(cfg, recipe.model, where)
+    print(f"# {where} matches the model section")
+
+
+def main(recipe, args) -> None:
+    import torch
+
+    from pipeline import parallel
+    from pipeline.hf.importer import import_hf
+    from pipeline.training.loop import stage_dir
+
+    recipe = _layout(recipe)
+    parallel.initialize(recipe)
+    try:
+        dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+        out = import_hf(recipe, args.hf, stage_dir(recipe, "import"), derive=args.derive_model,
+                        overwrite=args.overwrite, dtype=dtype)
+        if torch.distributed.get_rank() == 0:
+            print(f"imported {args.hf} -> {out}")
+    finally:
+        parallel.shutdown()
