@@ -129,12 +129,11 @@ def _tp_replica_spread(grads: Dict[torch.nn.Parameter, torch.Tensor]) -> float:
     group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return 0.0
-    src = dist.get_global_rank(group, 0)
-    worst = 0.0
+    worst = torch.zeros(())
     for p, g in grads.items():
-        if getattr(p, "tensor_model_parallel", False):
-            continue
-        first = g.clone()
-        dist.broadcast(first, src=src, group=group)
-        worst = max(worst, float((g - first).abs().max()))
-    return worst
+        if not getattr(p, "tensor_model_parallel", False):
+            first = g.clone()
+            dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+            worst = torch.maximum(worst, (g - first).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return float(worst)
