@@ -101,6 +101,29 @@ def render_chat(tokenizer, messages: list, inline: bool) -> str:
     return text
 
 
+def render_chats(tokenizer, conversations: list, inline: bool) -> list:
+    """``render_chat`` over many conversations: each entry is the text or the ``Dropped`` it raised.
+
+    One batched template call when every conversation renders (cheaper), else one call each to say which failed.
+    """
+    if inline:
+        conversations = [inline_reasoning(m) for m in conversations]
+    try:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
+    except Exception:
+        texts = None
+    out = []
+    for i, messages in enumerate(conversations):
+        try:
+            if texts is None or not texts[i].strip():
+                out.append(render_chat(tokenizer, messages, inline=False))
+            else:
+                out.append(texts[i])
+        except Dropped as d:
+            out.append(d)
+    return out
+
+
 def template_renders_reasoning(tokenizer) -> bool:
     """Whether the chat template shows an assistant's ``reasoning_content`` (Nano v3's and the demo's do).
 

@@ -1,10 +1,11 @@
 """Stream a source's inputs as ordered chunks of raw items, never loading a whole corpus.
 
-An item is ``(location, kind, payload)``: kind ``line`` (bytes of one JSON line), ``file`` (bytes of one text
-file, one document), ``record`` (an already parsed dict: parquet / arrow / HF rows, JSON arrays) or
-``dropped`` (a ``formats.Dropped`` found while reading). Locations are ``path:N`` with N the line (jsonl),
-row (parquet, arrow, HF datasets) or record number (JSON array), 1-based; a text file is its path.
-Each chunk also carries how many input bytes it covers, for the progress bar.
+A chunk holds items of one kind: ``line`` (bytes of JSON lines), ``file`` (bytes of whole text files, one
+document each), ``record`` (already parsed dicts: parquet / arrow / HF rows, JSON arrays) or ``dropped`` (a
+``formats.Dropped`` found while reading). An item's location is ``path:N`` with N its line (jsonl), row
+(parquet, arrow, HF datasets) or record number (JSON array), 1-based; a text file's is its path. Locations
+are only spelled out for the items that get dropped. Each chunk also carries how many input bytes it
+covers, for the progress bar.
 """
 
 from __future__ import annotations
@@ -12,23 +13,28 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
 
 from data_prep.formats import Dropped
 from pipeline.errors import UserError
 
 LINE_EXTS = (".jsonl", ".ndjson", ".jsonl.gz")
-TABLE_EXTS = (".parquet", ".arrow")
 RECORDS_PER_CHUNK = 1024
-BYTES_PER_CHUNK = 4 << 20
+BYTES_PER_CHUNK = 1 << 20
 
 
 @dataclass
 class Chunk:
-    items: List[Tuple[str, str, object]] = field(default_factory=list)
-    nbytes: int = 0  # input bytes this chunk covers (progress)
-    payload_bytes: int = 0  # bytes held in the items (chunk sizing)
+    kind: str  # line | file | record | dropped
+    payloads: list
+    nbytes: int  # input bytes this chunk covers (progress)
+    path: str = ""
+    first: int = 1  # number of the first item in path (line / row / record)
+    locations: Optional[List[str]] = None  # explicit locations (text files, read errors)
+
+    def location(self, i: int) -> str:
+        return self.locations[i] if self.locations is not None else f"{self.path}:{self.first + i}"
 
 
 def input_files(path: str) -> List[str]:
@@ -53,51 +59,58 @@ def total_bytes(path: str):
 
 
 def iter_chunks(path: str, hf_split: str = "train") -> Iterator[Chunk]:
-    """Chunks of items of every input under ``path``, in a fixed order."""
+    """Chunks of every input under ``path``, in a fixed order."""
     if is_hf_dataset_dir(path):
-        yield from _chunked(_hf_items(path, hf_split))
+        yield from _hf_chunks(path, hf_split)
         return
+    texts, text_bytes = [], 0  # consecutive plain text files travel together
     for f in input_files(path):
-        yield from _chunked(_file_items(f))
+        name = f.lower()
+        if not name.endswith(LINE_EXTS + (".json", ".parquet", ".arrow")):
+            texts.append(f)
+            text_bytes += os.path.getsize(f)
+            if len(texts) >= RECORDS_PER_CHUNK or text_bytes >= BYTES_PER_CHUNK:
+                yield _text_chunk(texts)
+                texts, text_bytes = [], 0
+            continue
+        if texts:
+            yield _text_chunk(texts)
+            texts, text_bytes = [], 0
+        if name.endswith(LINE_EXTS) or (name.endswith(".json") and _first_char(f) != "["):
+            yield from _line_chunks(f)
+        elif name.endswith(".json"):
+            yield from _json_array_chunks(f)
+        elif name.endswith(".parquet"):
+            yield from _parquet_chunks(f)
+        else:
+            yield from _arrow_chunks(f)
+    if texts:
+        yield _text_chunk(texts)
 
 
-def _chunked(items: Iterator[Tuple[Tuple[str, str, object], int]]) -> Iterator[Chunk]:
-    chunk = Chunk()
-    for item, nbytes in items:
-        chunk.items.append(item)
-        chunk.nbytes += nbytes
-        payload = item[2]
-        chunk.payload_bytes += len(payload) if isinstance(payload, bytes) else 64
-        if len(chunk.items) >= RECORDS_PER_CHUNK or chunk.payload_bytes >= BYTES_PER_CHUNK:
-            yield chunk
-            chunk = Chunk()
-    if chunk.items:
-        yield chunk
+def _dropped(location: str, reason: str, detail: str, nbytes: int) -> Chunk:
+    return Chunk("dropped", [Dropped(reason, detail)], nbytes, locations=[location])
 
 
-def _file_items(path: str):
-    name = path.lower()
-    if name.endswith(LINE_EXTS):
-        yield from _line_items(path)
-    elif name.endswith(".json"):
-        yield from (_line_items(path) if _first_char(path) != "[" else _json_array_items(path))
-    elif name.endswith(".parquet"):
-        yield from _parquet_items(path)
-    elif name.endswith(".arrow"):
-        yield from _arrow_items(path)
-    else:
-        with open(path, "rb") as f:
-            raw = f.read()
-        yield (path, "file", raw), len(raw)
+def _text_chunk(paths: List[str]) -> Chunk:
+    payloads = []
+    for p in paths:
+        with open(p, "rb") as f:
+            payloads.append(f.read())
+    return Chunk("file", payloads, sum(map(len, payloads)), locations=list(paths))
 
 
-def _line_items(path: str):
+def _line_chunks(path: str) -> Iterator[Chunk]:
     gz = path.endswith(".gz")
     with (gzip.open if gz else open)(path, "rb") as f:
-        done = 0
-        for lineno, line in enumerate(f, 1):
-            pos = f.fileobj.tell() if gz else done + len(line)  # progress counts compressed bytes
-            yield (f"{path}:{lineno}", "line", line), pos - done
+        first, done = 1, 0
+        while True:
+            lines = f.readlines(BYTES_PER_CHUNK)  # whole lines, about this many bytes
+            if not lines:
+                break
+            pos = f.fileobj.tell() if gz else done + sum(map(len, lines))  # progress: compressed bytes
+            yield Chunk("line", lines, pos - done, path, first)
+            first += len(lines)
             done = pos
 
 
@@ -107,24 +120,38 @@ def _first_char(path: str) -> str:
     return head[:1].decode("latin-1")
 
 
-def _json_array_items(path: str):
+def _record_chunks(path: str, rows, num_rows: int, size: int) -> Iterator[Chunk]:
+    """Chunks of parsed records; progress spreads the file's ``size`` bytes over its ``num_rows`` rows."""
+    first, batch = 1, []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= RECORDS_PER_CHUNK:
+            yield _records(path, batch, first, num_rows, size)
+            first, batch = first + len(batch), []
+    if batch:
+        yield _records(path, batch, first, num_rows, size)
+
+
+def _records(path: str, batch: list, first: int, num_rows: int, size: int) -> Chunk:
+    end = first - 1 + len(batch)
+    nbytes = size * end // max(num_rows, 1) - size * (first - 1) // max(num_rows, 1)
+    return Chunk("record", batch, nbytes, path, first)
+
+
+def _json_array_chunks(path: str) -> Iterator[Chunk]:
     size = os.path.getsize(path)
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
     except UnicodeDecodeError as e:
-        yield (path, "dropped", Dropped("not_utf8", f"byte {e.start}")), size
+        yield _dropped(path, "not_utf8", f"byte {e.start}", size)
         return
     except json.JSONDecodeError as e:
-        yield (f"{path}:{e.lineno}", "dropped", Dropped("malformed_json", f"{e.msg} (the whole array)")), size
+        yield _dropped(f"{path}:{e.lineno}", "malformed_json", f"{e.msg} (the whole array)", size)
         return
-    yield from _numbered(path, records, len(records), size)
-
-
-def _numbered(path: str, records, n: int, size: int):
-    """``path:i`` for the i-th record (1-based); progress spreads ``size`` bytes over the ``n`` records."""
-    for i, rec in enumerate(records, 1):
-        yield (f"{path}:{i}", "record", rec), size * i // max(n, 1) - size * (i - 1) // max(n, 1)
+    if not isinstance(records, list):
+        records = [records]
+    yield from _record_chunks(path, records, len(records), size)
 
 
 def _rows(batches):
@@ -132,18 +159,18 @@ def _rows(batches):
         yield from batch.to_pylist()
 
 
-def _parquet_items(path: str):
+def _parquet_chunks(path: str) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
         batches = pf.iter_batches(batch_size=RECORDS_PER_CHUNK)
-        yield from _numbered(path, _rows(batches), pf.metadata.num_rows, os.path.getsize(path))
+        yield from _record_chunks(path, _rows(batches), pf.metadata.num_rows, os.path.getsize(path))
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
-        yield (path, "dropped", Dropped("unreadable", f"{type(e).__name__}: {e}"[:200])), 0
+        yield _dropped(path, "unreadable", f"{type(e).__name__}: {e}"[:200], 0)
 
 
-def _arrow_items(path: str):
+def _arrow_chunks(path: str) -> Iterator[Chunk]:
     import pyarrow as pa
 
     try:
@@ -153,13 +180,13 @@ def _arrow_items(path: str):
         except pa.ArrowInvalid:  # HF datasets' cache files use the streaming format
             table = pa.ipc.open_stream(source).read_all()
     except (OSError, ValueError) as e:
-        yield (path, "dropped", Dropped("unreadable", f"{type(e).__name__}: {e}"[:200])), os.path.getsize(path)
+        yield _dropped(path, "unreadable", f"{type(e).__name__}: {e}"[:200], os.path.getsize(path))
         return
     batches = table.to_batches(max_chunksize=RECORDS_PER_CHUNK)
-    yield from _numbered(path, _rows(batches), table.num_rows, os.path.getsize(path))
+    yield from _record_chunks(path, _rows(batches), table.num_rows, os.path.getsize(path))
 
 
-def _hf_items(path: str, split: str):
+def _hf_chunks(path: str, split: str) -> Iterator[Chunk]:
     import datasets
 
     ds = datasets.load_from_disk(path)
@@ -171,4 +198,4 @@ def _hf_items(path: str, split: str):
     size = sum(os.path.getsize(f["filename"]) for f in ds.cache_files)
     rows = (dict(zip(batch, values)) for batch in ds.iter(batch_size=RECORDS_PER_CHUNK)
             for values in zip(*batch.values()))
-    yield from _numbered(path, rows, len(ds), size)
+    yield from _record_chunks(path, rows, len(ds), size)

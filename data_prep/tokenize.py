@@ -56,7 +56,8 @@ def load_tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
-def _document(kind: str, payload, job: TokenizeJob, tokenizer) -> str:
+def _content(kind: str, payload, job: TokenizeJob):
+    """The document text (format text) or the validated messages (format chat) of one item."""
     if kind == "dropped":
         raise payload
     if kind == "file":
@@ -71,37 +72,45 @@ def _document(kind: str, payload, job: TokenizeJob, tokenizer) -> str:
         raise Dropped("not_an_object", f"got a {type(record).__name__}")
     if job.format == "text":
         return formats.text_of(record, job.text_field)
-    messages = formats.messages_of(record, job.messages_field)
-    return formats.render_chat(tokenizer, messages, job.inline_reasoning)
+    return formats.messages_of(record, job.messages_field)
 
 
 def tokenize_chunk(chunk: Chunk, job: TokenizeJob = None) -> ChunkResult:
     job = job or _JOB
     tokenizer = load_tokenizer(job.tokenizer_dir)
-    texts, drops = [], []
-    for position, (location, kind, payload) in enumerate(chunk.items):
+    positions, contents, drops = [], [], []
+    for i, payload in enumerate(chunk.payloads):
         try:
-            texts.append((position, location, _document(kind, payload, job, tokenizer)))
+            contents.append(_content(chunk.kind, payload, job))
+            positions.append(i)
         except Dropped as d:
-            drops.append((position, location, d.reason, d.detail))
+            drops.append((i, d.reason, d.detail))
+    if job.format == "chat":
+        texts = formats.render_chats(tokenizer, contents, job.inline_reasoning)
+        for i, text in zip(list(positions), texts):
+            if isinstance(text, Dropped):
+                drops.append((i, text.reason, text.detail))
+        positions = [i for i, t in zip(positions, texts) if not isinstance(t, Dropped)]
+        contents = [t for t in texts if not isinstance(t, Dropped)]
     # Text documents get the tokenizer's own special tokens (e.g. a BOS); a chat rendering is used verbatim.
-    encodings = tokenizer.backend_tokenizer.encode_batch(
-        [t for _, _, t in texts], add_special_tokens=job.format == "text")
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers>=0.21)
+    encodings = encode(contents, add_special_tokens=job.format == "text")
     flat, lengths = [], []
-    for (position, location, _), enc in zip(texts, encodings):
+    for i, enc in zip(positions, encodings):
         ids = enc.ids
         if not ids:
-            drops.append((position, location, "empty", "no tokens"))
+            drops.append((i, "empty", "no tokens"))
             continue
-        flat.extend(ids)
+        flat += ids
         flat.append(job.eod)
         lengths.append(len(ids) + 1)
     drops.sort()
     return ChunkResult(
         tokens=np.asarray(flat, dtype=job.dtype),
         lengths=np.asarray(lengths, dtype=np.int64),
-        drops=[(loc, reason, detail) for _, loc, reason, detail in drops],
-        read=len(chunk.items),
+        drops=[(chunk.location(i), reason, detail) for i, reason, detail in drops],
+        read=len(chunk.payloads),
         nbytes=chunk.nbytes,
     )
 

@@ -4,6 +4,7 @@ and a blend honours its weights."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -157,3 +158,24 @@ def test_blend_honours_its_weights(tmp_path, tokenizer_dir):
     dataset = build_dataset(recipe, "train", seq_length=16, num_samples=n, seed=11)
     ids = np.array([int(dataset[i]["dataset_id"]) for i in range(n)])
     assert abs((ids == 0).sum() - n / 2) <= 1
+
+
+def test_reasoning_is_inlined_for_templates_that_ignore_it_and_template_errors_are_dropped(tmp_path,
+                                                                                            tokenizer_dir):
+    # a plain ChatML template: no reasoning_content, and it rejects an unknown role
+    plain = str(tmp_path / "plain_tokenizer")
+    shutil.copytree(tokenizer_dir, plain)
+    with open(os.path.join(plain, "chat_template.jinja"), "w") as f:
+        f.write("{%- for m in messages %}{%- if m['role'] == 'robot' %}{{ raise_exception('no robots') }}"
+                "{%- endif %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{%- endfor %}")
+    robot = [{"role": "robot", "content": "beep"}]
+    chat_path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in [CHATS[0], robot, CHATS[1]]])
+    recipe = make_recipe(tmp_path, [{"name": "chat", "path": chat_path, "format": "chat"}], plain, num_workers=0)
+    (src,) = prepare(recipe, progress=False).sources
+    assert src.notes and "inlined" in src.notes[0]
+    assert src.dropped == {"template_error": 1} and src.examples["template_error"][0].startswith(f"{chat_path}:2: ")
+    tok = load_tokenizer(plain)
+    eod = tok.convert_tokens_to_ids("<|endoftext|>")
+    # the trace lands in <think> ... </think> exactly as the reasoning-aware demo template renders it
+    assert read_docs(recipe, "chat") == [tok(r, add_special_tokens=False).input_ids + [eod] for r in RENDERED]
