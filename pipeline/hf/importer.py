@@ -14,12 +14,10 @@ import shutil
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 from pipeline.hf import config as hf_config
-from pipeline.hf.dist_writer import chunk_shape, local_bytes, meta_model, save_lazy, sharded_entries
 from pipeline.hf.mapping import Link, hf_shapes, links
 from pipeline.hf.safetensors_io import SafetensorsDir
 
@@ -41,6 +39,16 @@ def check_inventory(files: SafetensorsDir, expected: Dict[str, Tuple[int, ...]],
         got = files.tensors[name].shape
         if tuple(got) != tuple(shape):
             raise UserError(f"{where}: tensor {name} has shape {list(got)} but the recipe's model needs {list(shape)}")
+
+
+def check_import(recipe: Recipe, hf_dir: str, derive: bool = False) -> Tuple[Recipe, SafetensorsDir]:
+    """All checks that need no weights (and no megatron): the recipe (model section checked or derived)
+    and the HF tensor index."""
+    where = os.path.join(hf_dir, "config.json")
+    recipe = resolve_model(recipe, hf_config.read_hf_config(hf_dir), derive, where)
+    files = SafetensorsDir(hf_dir)
+    check_inventory(files, hf_shapes(recipe.model), hf_dir)
+    return recipe, files
 
 
 def resolve_model(recipe: Recipe, cfg: dict, derive: bool, where: str) -> Recipe:
@@ -85,7 +93,8 @@ class _Materializer:
         full = self._cached[1][sh.key]
         dims = sh.global_offset[sh.prepend_axis_num:]
         piece = full[tuple(slice(o, o + s) for o, s in zip(dims, sh.local_shape))]
-        return piece.to(sh.data.dtype).reshape(chunk_shape(sh)).contiguous()
+        # the stored chunk keeps prepended (expert) axes as leading 1s, as megatron stores them
+        return piece.to(sh.data.dtype).reshape((1,) * sh.prepend_axis_num + tuple(sh.local_shape)).contiguous()
 
 
 def import_hf(recipe: Recipe, hf_dir: str, stage_dir: str, derive: bool = False, overwrite: bool = False,
@@ -94,15 +103,13 @@ def import_hf(recipe: Recipe, hf_dir: str, stage_dir: str, derive: bool = False,
 
     ``recipe`` must be the one ``pipeline.parallel.initialize`` was called with (its layout is the
     layout of the shards written)."""
+    import torch.distributed as dist
     from tqdm import tqdm
 
+    from pipeline.hf.dist_writer import local_bytes, meta_model, save_lazy, sharded_entries
     from pipeline.training import checkpoint
 
-    where = os.path.join(hf_dir, "config.json")
-    cfg = hf_config.read_hf_config(hf_dir)
-    recipe = resolve_model(recipe, cfg, derive, where)
-    files = SafetensorsDir(hf_dir)
-    check_inventory(files, hf_shapes(recipe.model), hf_dir)
+    recipe, files = check_import(recipe, hf_dir, derive)
     dtype = dtype or files.tensors["backbone.embeddings.weight"].dtype
 
     root = os.path.join(stage_dir, "checkpoints")

@@ -36,29 +36,31 @@ def _layout(recipe):
 
 
 def dry_run(recipe, args) -> None:
-    from pipeline.hf import config as hf_config
+    import yaml
 
-    cfg = hf_config.read_hf_config(args.hf)
-    where = os.path.join(args.hf, "config.json")
+    from pipeline.config.load import recipe_to_dict
+    from pipeline.hf.importer import check_import
+
+    checked, files = check_import(recipe, args.hf, args.derive_model)
     if args.derive_model:
-        hf_config.model_from_hf(cfg, recipe.model, where)
-    else:
-        hf_config.check_model(cfg, recipe.model, where)
-    print(f"# {where} matches the model section")
+        print("# model section derived from config.json (paste it into the recipe):")
+        print(yaml.safe_dump({"model": recipe_to_dict(checked)["model"]}, sort_keys=False), end="")
+    print(f"# {args.hf}: config.json and all {len(files.tensors)} tensors match the model section")
 
 
 def main(recipe, args) -> None:
     import torch
 
-    from pipeline import parallel
-    from pipeline.hf.importer import import_hf
-    from pipeline.training.loop import stage_dir
+    from pipeline.hf.importer import check_import, import_hf
 
+    recipe, _ = check_import(recipe, args.hf, args.derive_model)  # fail fast, before megatron loads
     recipe = _layout(recipe)
+    from pipeline import parallel
+
     parallel.initialize(recipe)
     try:
         dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-        out = import_hf(recipe, args.hf, stage_dir(recipe, "import"), derive=args.derive_model,
+        out = import_hf(recipe, args.hf, os.path.join(recipe.run.root, recipe.run.name, "import"),
                         overwrite=args.overwrite, dtype=dtype)
         if torch.distributed.get_rank() == 0:
             print(f"imported {args.hf} -> {out}")
