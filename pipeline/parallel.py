@@ -54,11 +54,12 @@ def initialize(recipe: Recipe) -> torch.device:
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        if "WORLD_SIZE" in os.environ:  # torchrun / srun
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:  # a single process: a private group (os.environ untouched, so child processes are unaffected)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timedelta(minutes=30))
     p = recipe.parallelism
     world = dist.get_world_size()
     if world % (p.tp * p.pp * p.cp):
