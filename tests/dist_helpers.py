@@ -12,8 +12,9 @@ variables are set, so ``pipeline.parallel.initialize`` joins the group). Whateve
 ``torch.save`` stores: numbers, dicts of tensors) comes back as ``results[rank]``. kwargs must be JSON.
 
 On failure (a non-zero exit or a timeout) the AssertionError carries the tail of every rank's stderr, so a
-failing 2-rank test reads like a failing 1-rank one. Each launch costs ~10-15 s of imports on CPU: put several
-cases into one worker call rather than one launch per case.
+failing 2-rank test reads like a failing 1-rank one; the full logs stay under the named work directory
+(``logs/<run>/attempt_0/<rank>/{stdout,stderr}.log``). Each launch costs ~10-15 s of imports on CPU: put several
+cases into one worker call (re-running ``pipeline.parallel.initialize`` per case) rather than one launch each.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-STDERR_TAIL = 4000
+STDERR_TAIL = 4000  # characters of each rank's stderr shown on failure
 
 
 def run_ranks(target: str, nproc: int, tmp_path, kwargs: Optional[Dict[str, Any]] = None,
@@ -36,7 +38,7 @@ def run_ranks(target: str, nproc: int, tmp_path, kwargs: Optional[Dict[str, Any]
     """Call ``module:function`` on ``nproc`` ranks; returns the per-rank return values, rank order."""
     import torch
 
-    work = os.path.join(str(tmp_path), f"ranks_{target.replace(':', '_')}_{nproc}")
+    work = tempfile.mkdtemp(prefix=f"ranks_{target.replace(':', '_')}_{nproc}_", dir=str(tmp_path))
     out, logs = os.path.join(work, "results"), os.path.join(work, "logs")
     os.makedirs(out, exist_ok=True)
     os.makedirs(logs, exist_ok=True)
@@ -56,12 +58,12 @@ def run_ranks(target: str, nproc: int, tmp_path, kwargs: Optional[Dict[str, Any]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks (own session)
         launcher_out, _ = proc.communicate()
-        raise AssertionError(f"{target} on {nproc} ranks timed out after {timeout:.0f} s\n"
+        raise AssertionError(f"{target} on {nproc} ranks timed out after {timeout:.0f} s (logs: {work})\n"
                              + _rank_tails(logs, nproc) + _tail(launcher_out))
     missing = [r for r in range(nproc) if not os.path.isfile(_result_path(out, r))]
     if proc.returncode != 0 or missing:
         raise AssertionError(f"{target} on {nproc} ranks failed (exit {proc.returncode}, no result from ranks "
-                             f"{missing})\n" + _rank_tails(logs, nproc) + _tail(launcher_out))
+                             f"{missing}; logs: {work})\n" + _rank_tails(logs, nproc) + _tail(launcher_out))
     return [torch.load(_result_path(out, r), weights_only=False) for r in range(nproc)]
 
 
@@ -70,7 +72,7 @@ def _result_path(out: str, rank: int) -> str:
 
 
 def _tail(text: str) -> str:
-    return f"--- launcher output (tail) ---\n{text[-STDERR_TAIL:]}" if text else ""
+    return f"--- launcher output (tail) ---\n{text[-1500:]}" if text else ""
 
 
 def _rank_tails(logs: str, nproc: int) -> str:

@@ -121,7 +121,8 @@ def layouts(root: str, names: List[str] = tuple(LAYOUTS)) -> Dict:
 
 
 def _tensors(state: Dict) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    return {k: v.detach().clone() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and "_extra_state" not in k}
 
 
 def _tp_replica_spread(grads: Dict[torch.nn.Parameter, torch.Tensor]) -> float:

@@ -4,8 +4,8 @@
 The 2-rank job (tests/reshard_worker.py) builds the tiny model fresh at each layout with seed 7, records its
 full-vocab logits on fixed tokens (TP shards gathered; PP: the last stage, via the forward-only schedule) and
 saves it. The 1-rank job builds the model at TP=1 with the recipe's seed, loads each checkpoint and records the
-logits again. Tolerance: max |diff| / max |logits| <= 1e-5 (fp32; observed: TP=2 6e-7, EP=2 and PP=2 exactly 0). Control: before loading,
-the TP=1 model's logits differ at O(1), so a partial load cannot pass.
+logits again. Tolerance: max |diff| / max |logits| <= 1e-5 (fp32; observed: TP=2 6e-7, EP=2 and PP=2 exactly 0).
+Control: before loading, the TP=1 model's logits differ at O(1), so a partial load cannot pass.
 """
 
 import pytest
