@@ -12,12 +12,12 @@ state object), so ``pipeline.training.checkpoint.load`` loads it into the model 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories, is_main_replica
 
 from pipeline.config.schema import Recipe
+from pipeline.errors import UserError
 
 Materialize = Callable[[ShardedTensor], torch.Tensor]
 
@@ -125,7 +126,13 @@ def save_lazy(ckpt_dir: str, tensors: List[ShardedTensor], objects: List[Sharded
     if rank == 0:
         objects = objects + [ShardedObject("common_state", common, (1,), (0,), replica_id=0)]
     writer = dcp.FileSystemWriter(ckpt_dir, single_file_per_rank=True, sync_files=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_LazyPlanner(tensors, objects, materialize, on_write))
+    try:
+        dcp.save({}, storage_writer=writer, planner=_LazyPlanner(tensors, objects, materialize, on_write))
+    except CheckpointException as e:  # DCP wraps every rank's failure; surface a user mistake as such
+        for exc, _ in e.failures.values():
+            if isinstance(exc, UserError):
+                raise exc from None
+        raise
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1), ckpt_dir)
     dist.barrier()
@@ -139,8 +146,3 @@ def local_bytes(tensors: List[ShardedTensor]) -> int:
             n *= s
         total += n * t.data.element_size()
     return total
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Move a finished directory into place (``final`` must not exist)."""
-    os.replace(tmp, final)
