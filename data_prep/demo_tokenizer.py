@@ -16,6 +16,7 @@ EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_e
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 META_FILE = "demo_tokenizer.json"
+TRAIN_BYTES = 1 << 20  # per corpus file
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -30,11 +31,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def record_texts(paths: Iterable[str]) -> Iterator[str]:
-    """The strings of demo jsonl files (text fields and chat message contents) to train the BPE on."""
+def record_texts(paths: Iterable[str], max_bytes: int = TRAIN_BYTES) -> Iterator[str]:
+    """The strings of demo jsonl files (text fields and chat message contents) to train the BPE on: the first
+    ``max_bytes`` of each file (a 512-token BPE needs little text, and this keeps the demo stage quick)."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            for line in f.readlines(max_bytes):
                 rec = json.loads(line)
                 if "text" in rec:
                     yield rec["text"]
