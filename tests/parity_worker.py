@@ -1,9 +1,9 @@
 """Rank-side code of tests/test_parallel_parity.py (run through dist_helpers.run_ranks).
 
-``reference`` (1 rank) writes each model's initial checkpoint and runs one Trainer step on it; ``layouts``
-(2 ranks) runs the same step from the same checkpoint under TP/EP/PP/DP layouts, saves the updated weights
-(``Trainer.save``) and the gradients (as a model checkpoint) at that layout, then loads all of them back at
-TP=1 so every tensor comes back at full shape, ready to compare with the reference.
+``layouts`` (2 ranks) writes each model's initial checkpoint at TP=1, then runs one Trainer step from it under
+each TP/EP/PP/DP layout and saves the updated weights and the gradients at that layout. ``reference`` (1 rank)
+runs the same step from the same checkpoint, then loads every layout's checkpoints at TP=1 so each tensor comes
+back at full shape, ready to compare.
 """
 
 from __future__ import annotations
@@ -71,53 +71,63 @@ def one_step(r) -> Dict:
     return {"trainer": trainer, "values": values, "grads": grads}
 
 
-def reference(root: str) -> Dict:
-    """Single rank: per model, the initial checkpoint and one step's loss, grad norm, grads, new weights."""
-    out = {}
+def initial_checkpoints(root: str) -> None:
+    """Each model built once at TP=1 (here DP=2: both ranks build the same weights) and saved."""
     for model in MODELS:
-        r = recipe(root, f"ref_{model}", model)
+        r = recipe(root, "init", model)
         parallel.initialize(r)
-        initial = build_model(r)
-        checkpoint.save(init_checkpoint(root, model), 0, [initial])
-        r = recipe(root, f"ref_{model}", model, [f"training.init_from={init_checkpoint(root, model)}"])
-        res = one_step(r)
-        module = res["trainer"].model[0].module
-        names = {p: n for n, p in module.named_parameters()}
-        out[model] = {
-            "values": res["values"],
-            "grads": {names[p]: g for p, g in res["grads"].items()},
-            "weights": _tensors(module.state_dict()),
-            "initial": _tensors(initial.state_dict()),
-        }
-    parallel.shutdown()
-    return out
+        checkpoint.save(init_checkpoint(root, model), 0, [build_model(r)])
 
 
 def layouts(root: str, names: List[str] = tuple(LAYOUTS)) -> Dict:
-    """Two ranks: one step per layout; rank 0 also returns the full-shape updated weights and grads."""
-    out, saved = {}, {}
+    """Two ranks: the initial checkpoints, then one step per layout from them; saves the updated weights
+    (``Trainer.save``) and the gradients (as a model checkpoint) at that layout. Returns the step's values."""
+    initial_checkpoints(root)
+    out = {}
     for name in names:
         model, extra = LAYOUTS[name]
         r = recipe(root, name, model, extra + [f"training.init_from={init_checkpoint(root, model)}"])
         res = one_step(r)
         trainer = res["trainer"]
-        trainer.save()  # the updated weights, through the real save path at this layout
-        grads_root = os.path.join(root, name, "grads")
+        trainer.save()
         for p, g in res["grads"].items():
             p.data.copy_(g)
-        checkpoint.save(grads_root, 1, [m.module for m in trainer.model])
+        checkpoint.save(os.path.join(root, name, "grads"), 1, [m.module for m in trainer.model])
         out[name] = {"model": model, "values": res["values"], "tp_replica_spread": _tp_replica_spread(res["grads"])}
-        saved[name] = (model, checkpoint.iter_dir(trainer.ckpt_root, 1), checkpoint.iter_dir(grads_root, 1))
-    # back to TP=1 (DP=2): each rank loads the whole model from the layout's checkpoints
-    for name, (model, weights_dir, grads_dir) in saved.items():
-        parallel.initialize(recipe(root, "load", model))
-        for key, ckpt in (("weights", weights_dir), ("grads", grads_dir)):
-            m = build_model(recipe(root, "load", model))
-            checkpoint.load(ckpt, [m], load_rng=False)
-            if dist.get_rank() == 0:
-                out[name][key] = _tensors(m.state_dict())
     parallel.shutdown()
     return out
+
+
+def reference(root: str, names: List[str] = tuple(LAYOUTS)) -> Dict:
+    """One rank: per model, the same step from the same checkpoint (loss, grad norm, grads, new weights); then
+    every layout's saved weights and grads loaded at TP=1, i.e. at full shape."""
+    models = {}
+    for model in MODELS:
+        r = recipe(root, f"ref_{model}", model, [f"training.init_from={init_checkpoint(root, model)}"])
+        res = one_step(r)
+        module = res["trainer"].model[0].module
+        names_of = {p: n for n, p in module.named_parameters()}
+        models[model] = {
+            "values": res["values"],
+            "grads": {names_of[p]: g for p, g in res["grads"].items()},
+            "weights": _tensors(module.state_dict()),
+            "initial": _load_at_tp1(r, checkpoint.resolve(init_checkpoint(root, model))),
+        }
+    loaded = {}
+    for name in names:
+        model, _ = LAYOUTS[name]
+        r = recipe(root, "load", model)
+        saved = {"weights": os.path.join(root, name, "pretrain", "checkpoints"),  # Trainer.save's stage dir
+                 "grads": os.path.join(root, name, "grads")}
+        loaded[name] = {key: _load_at_tp1(r, checkpoint.resolve(d)) for key, d in saved.items()}
+    parallel.shutdown()
+    return {"models": models, "layouts": loaded}
+
+
+def _load_at_tp1(r, ckpt: str) -> Dict[str, torch.Tensor]:
+    m = build_model(r)
+    checkpoint.load(ckpt, [m], load_rng=False)
+    return _tensors(m.state_dict())
 
 
 def _tensors(state: Dict) -> Dict[str, torch.Tensor]:

@@ -2,10 +2,11 @@
 
 What runs (tests/parity_worker.py): the tiny recipe at seq 64, 2 micro-batches of 2 sequences, through the real
 ``Trainer.setup()`` + ``Trainer.step()`` (megatron schedules, DDP, finalize_model_grads, optimizer with grad
-clipping). A 1-rank job writes each model's initial checkpoint at TP=1 and takes the reference step; one 2-rank
-job loads that checkpoint (``training.init_from``, resharded by dist_checkpointing) under each layout, takes the
-same step on the same synthetic data, saves the updated weights (``Trainer.save``) and the gradients read just
-before the optimizer step (as a model checkpoint), and loads both back at TP=1 to full shape.
+clipping). One 2-rank job writes each model's initial checkpoint at TP=1, then per layout loads it
+(``training.init_from``, resharded by dist_checkpointing), takes one step on the synthetic data and saves the
+updated weights (``Trainer.save``) and the gradients read just before the optimizer step (as a model
+checkpoint). A 1-rank job takes the same step from the same checkpoint, then loads every layout's checkpoints at
+TP=1, so each gradient and weight is compared at full shape.
 
 Compared with the reference, per layout: the loss (PP: on the last stage; DP: averaged over DP), the grad norm,
 every parameter's gradient, every updated weight and buffer (incl. the router's expert bias); and TP ranks'
@@ -33,8 +34,8 @@ RTOL_TENSOR = 2e-5
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     root = str(tmp / "runs")
-    (reference,) = run_ranks("parity_worker:reference", 1, tmp, {"root": root})
     ranks = run_ranks("parity_worker:layouts", 2, tmp, {"root": root, "names": LAYOUTS})
+    (reference,) = run_ranks("parity_worker:reference", 1, tmp, {"root": root, "names": LAYOUTS})
     return reference, ranks
 
 
@@ -52,7 +53,7 @@ def worst_tensor_diff(got: dict, want: dict):
 def test_reference_step_is_informative(runs):
     """Guards the comparisons below against 0 == 0: every gradient is non-zero and the step moved the weights."""
     reference, _ = runs
-    for model, ref in reference.items():
+    for model, ref in reference["models"].items():
         zero = [n for n, g in ref["grads"].items() if not g.abs().max() > 0]
         assert not zero, f"{model}: parameters without gradient: {zero[:5]}"
         still = [n for n in ref["grads"] if torch.equal(ref["weights"][n], ref["initial"][n])]
@@ -66,7 +67,7 @@ def test_reference_step_is_informative(runs):
 def test_step_matches_single_rank(runs, layout):
     reference, ranks = runs
     got = [r[layout] for r in ranks]
-    ref = reference[got[0]["model"]]
+    ref = reference["models"][got[0]["model"]]
     # the last rank is on the last pipeline stage in every layout, so it holds the loss
     loss, want = got[-1]["values"]["loss"], ref["values"]["loss"]
     assert loss == pytest.approx(want, rel=RTOL_SCALAR), f"{layout}: loss {loss} vs single rank {want}"
@@ -77,9 +78,10 @@ def test_step_matches_single_rank(runs, layout):
         assert norm == pytest.approx(want, rel=RTOL_SCALAR), f"{layout}: grad norm {norm} vs {want}"
         assert r["tp_replica_spread"] <= 1e-7, f"{layout}: TP ranks disagree on a replicated parameter's grad"
 
-    rel, name, diff = worst_tensor_diff(got[0]["grads"], ref["grads"])
-    assert rel <= RTOL_TENSOR, f"{layout}: gradient of {name} differs by {diff:.3e} (relative {rel:.2e})"
-    rel, name, diff = worst_tensor_diff(got[0]["weights"], ref["weights"])
-    assert rel <= RTOL_TENSOR, f"{layout}: updated {name} differs by {diff:.3e} (relative {rel:.2e})"
-    print(f"{layout}: loss {loss:.7f} (single rank {ref['values']['loss']:.7f}); max relative diff grads/weights "
-          f"{worst_tensor_diff(got[0]['grads'], ref['grads'])[0]:.1e}/{rel:.1e}")
+    loaded = reference["layouts"][layout]  # saved at the layout, loaded at TP=1 on one rank
+    report = []
+    for key in ("grads", "weights"):
+        rel, name, diff = worst_tensor_diff(loaded[key], ref[key])
+        assert rel <= RTOL_TENSOR, f"{layout}: {key} of {name} differ by {diff:.3e} (relative {rel:.2e})"
+        report.append(f"{key} {diff:.1e} (relative {rel:.1e})")
+    print(f"{layout}: loss {loss:.7f} vs {ref['values']['loss']:.7f}; max |diff| " + ", ".join(report))
