@@ -32,6 +32,9 @@ def stage_script(recipe: Recipe, recipe_path: str, stage: str, overrides: Sequen
     if not requeue_on_sigterm:
         return "\n".join(lines + [f"exec {command}", ""])
     return "\n".join(lines + [
+        # SIGTERM reaches every process of the step: this shell and tee ignore it (python inherits that until
+        # the training loop installs its handler), so the stage can checkpoint and print its marker
+        "trap '' TERM",
         # the stage exits 0 after its SIGTERM checkpoint; nemo-run requeues only non-zero exits
         'log=$(mktemp)',
         f'{command} 2>&1 | tee "$log"',
@@ -79,7 +82,8 @@ def slurm_executor(recipe: Recipe, stage: str, job_dir: str):
         env_vars=dict(s.env),
         setup_lines="\n".join(setup),
         additional_parameters=extra,
-        tunnel=LocalTunnel(job_dir=job_dir),
+        # the same directory as the Experiment's local one (base_dir/experiments): sbatch reads scripts from it
+        tunnel=LocalTunnel(job_dir=os.path.join(job_dir, "experiments")),
         packager=Packager(),  # run from the checkout in slurm.workdir, not from a git archive
         launcher=None,  # srun-native: one task per GPU
     )
@@ -120,7 +124,7 @@ def run_stages(recipe: Recipe, recipe_path: str, stages: Sequence[str], override
             submits = [str(job._dryrun_info) for job in exp.jobs]  # nemo-run 0.11 keeps the request here
             return [f"{sub}\n# every rank runs scripts/{stage}.sh:\n" + "".join(f"#   {line}\n" for line in text.splitlines())
                     for stage, sub, text in zip(stages, submits, rank_scripts)]
-        exp.run(sequential=not on_slurm, tail_logs=not on_slurm)
+        exp.run(sequential=not on_slurm, detach=on_slurm, tail_logs=not on_slurm)  # SLURM: submit and return
     return []
 
 
