@@ -51,8 +51,10 @@ def prepare(recipe, strict: bool = False, force: bool = False, progress: bool = 
     manifest = {
         "version": MANIFEST_VERSION,
         **{k: info[k] for k in ("tokenizer", "vocab_size", "eod", "pad", "dtype")},
-        "sources": {s.name: {"prefix": s.name, "documents": s.written, "tokens": s.tokens} for s in report.sources},
+        "sources": {s.name: {"prefix": s.name, "documents": s.written, "tokens": s.tokens}
+                    for s in report.sources},
         "calibration": calibration and {"prefix": layout.CALIBRATION, **calibration},
+        "data_config": dataclasses.asdict(d),  # the recipe's data section this was built from
     }
     with open(os.path.join(out, layout.MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -229,7 +231,8 @@ def plan(recipe) -> str:
     """What ``prepare`` would read and write (for --dry-run); touches nothing."""
     d = recipe.data
     total = sum(s.weight for s in d.sources) or 1.0
-    tok = d.tokenizer or f"{layout.tokenizer_dir(recipe)} (demo BPE, {d.demo_corpus.vocab_size} tokens, trained here)"
+    demo_tok = f"{layout.tokenizer_dir(recipe)} (demo BPE, {d.demo_corpus.vocab_size} tokens, trained here)"
+    tok = d.tokenizer or demo_tok
     lines = [f"# data stage: {len(d.sources)} source(s) -> {layout.data_dir(recipe)}", f"# tokenizer: {tok}"]
     for s in d.sources:
         where = (f"{layout.source_path(recipe, s)} (demo, {d.demo_corpus.records} records, generated here)"

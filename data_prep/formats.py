@@ -80,7 +80,7 @@ def messages_of(record: dict, field: str) -> list:
 
 
 def inline_reasoning(messages: list) -> list:
-    """Move ``reasoning_content`` into the content as ``<think>\\n…\\n</think>\\n`` (for templates that ignore it)."""
+    """Move ``reasoning_content`` into the content as ``<think>\\n…\\n</think>\\n`` (templates that ignore it)."""
     out = []
     for m in messages:
         r = m.get("reasoning_content")

@@ -136,7 +136,8 @@ def test_a_source_with_no_usable_record_is_an_error(tmp_path, tokenizer_dir):
     raw = read_yaml(TINY)
     raw["run"].update(root=str(tmp_path), name="t")
     raw["data"].update(sources=[{"name": "x", "path": str(path)}])
-    with pytest.raises(UserError, match=r"none of 2 records could be used \(missing_field x 2\); e.g. .*x.jsonl:1"):
+    expected = r"none of 2 records could be used \(missing_field x 2\); e.g. .*x.jsonl:1"
+    with pytest.raises(UserError, match=expected):
         prepare(_recipe(raw, tokenizer_dir), progress=False)
 
 

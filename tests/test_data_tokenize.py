@@ -43,8 +43,8 @@ def tokenizer_dir(tmp_path_factory):
         paths.append(str(root / f"{fmt}.jsonl"))
         demo_corpus.write_jsonl(paths[-1], fmt, 300, seed=len(paths))
     out = str(root / "tokenizer")
-    demo_tokenizer.train_demo_tokenizer(out, paths + [_write_jsonl(root / "extra.jsonl", [{"text": t} for t in TEXTS])],
-                                        512, meta={})
+    paths.append(_write_jsonl(root / "extra.jsonl", [{"text": t} for t in TEXTS]))
+    demo_tokenizer.train_demo_tokenizer(out, paths, 512, meta={})
     return out
 
 
@@ -174,7 +174,8 @@ def test_reasoning_is_inlined_for_templates_that_ignore_it_and_template_errors_a
     recipe = make_recipe(tmp_path, [{"name": "chat", "path": chat_path, "format": "chat"}], plain, num_workers=0)
     (src,) = prepare(recipe, progress=False).sources
     assert src.notes and "inlined" in src.notes[0]
-    assert src.dropped == {"template_error": 1} and src.examples["template_error"][0].startswith(f"{chat_path}:2: ")
+    assert src.dropped == {"template_error": 1}
+    assert src.examples["template_error"][0].startswith(f"{chat_path}:2: ")
     tok = load_tokenizer(plain)
     eod = tok.convert_tokens_to_ids("<|endoftext|>")
     # the trace lands in <think> ... </think> exactly as the reasoning-aware demo template renders it
