@@ -127,6 +127,8 @@ def test_nemo_run_dry_run_of_the_same_job(nemo, tmp_path):
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--container-image /lustre/you/images/star-elastic.sqsh" in srun and "torchrun" not in srun
     assert f"#   cd {tmp_path} || exit 1" in pretrain
+    # the wrapper outlives SIGTERM and turns the stage's checkpoint marker into an exit code nemo-run requeues
+    assert "#   trap '' TERM" in pretrain and "then rc=75; fi" in pretrain
     assert ("#   python -m pipeline pretrain --recipe recipes/nemotron_nano_v3_30b.yaml training.train_iters=500 "
             '2>&1 | tee "$log"') in pretrain
     assert "#SBATCH --nodes=4" in params and "-m pipeline params" in params
