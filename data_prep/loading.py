@@ -53,6 +53,13 @@ def read_manifest(recipe) -> dict:
     for i, src in enumerate(recipe.data.sources):
         if src.name not in manifest["sources"]:
             raise UserError(f"data.sources[{i}] ({src.name}) is not in {path}: re-run the data stage")
+    built_with = manifest["data_config"]["tokenizer"]
+    if built_with != recipe.data.tokenizer:
+        raise UserError(f"{path} was tokenized with data.tokenizer = {built_with!r}, the recipe says "
+                        f"{recipe.data.tokenizer!r}: re-run the data stage")
+    if manifest["vocab_size"] > recipe.model.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {manifest['vocab_size']} tokens but model.vocab_size = "
+                        f"{recipe.model.vocab_size}")
     return manifest
 
 

@@ -87,8 +87,9 @@ class Report:
             lines.append(f"{s.name:<20} {s.read:>10,} {s.written:>10,} {s.dropped_total:>9,} {s.tokens:>13,} "
                          f"{rate:>11}")
         t = self.to_dict()["totals"]
+        rate = f"{self.tokens_per_second():,.0f}" if self.tokenized else "(reused)"
         lines.append(f"{'total':<20} {t['read']:>10,} {t['written']:>10,} {t['dropped']:>9,} {t['tokens']:>13,} "
-                     f"{self.tokens_per_second():>11,.0f}")
+                     f"{rate:>11}")
         for s in self.sources:
             for note in s.notes:
                 lines.append(f"note [{s.name}]: {note}")
