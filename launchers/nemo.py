@@ -17,6 +17,7 @@ import shlex
 import sys
 from typing import List, Sequence
 
+from launchers.slurm.render import stage_nodes, stage_time
 from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 
@@ -52,7 +53,6 @@ def slurm_executor(recipe: Recipe, stage: str, job_dir: str):
     from nemo_run.core.tunnel.client import LocalTunnel
 
     s = recipe.slurm
-    per_stage = s.stages.get(stage)
     master_addr = '"$MASTER_NODE"' if s.master_addr == "first_node" else shlex.quote(s.master_addr)
     master_port = str(s.master_port) if s.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     setup = [
@@ -63,19 +63,22 @@ def slurm_executor(recipe: Recipe, stage: str, job_dir: str):
         *s.setup,
     ]
     extra = {"requeue": True, "kill_on_invalid_dep": "yes"}
+    for flag in s.extra_sbatch:  # "--constraint=h100" -> constraint: h100; "--no-kill" -> no_kill: True
+        name, _, value = flag[2:].partition("=")
+        extra[name.replace("-", "_")] = value or True
     if s.qos:
         extra["qos"] = s.qos
     executor = run.SlurmExecutor(
         account=s.account or None,
         job_name_prefix=f"{recipe.run.name}-",  # jobs named <run.name>-<stage>, as with launchers.slurm
         partition=s.partition or None,
-        nodes=per_stage.nodes if per_stage and per_stage.nodes else s.nodes,
+        nodes=stage_nodes(recipe, stage),
         ntasks_per_node=s.tasks_per_node,
         gpus_per_node=s.gpus_per_node or None,
         cpus_per_task=s.cpus_per_task,
         mem=s.mem or None,
         exclusive=s.exclusive or None,
-        time=per_stage.time if per_stage and per_stage.time else s.time,
+        time=stage_time(recipe, stage),
         signal=f"TERM@{s.signal_seconds}",
         container_image=s.container_image or None,
         container_mounts=list(s.container_mounts),
@@ -141,7 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="ranks for the local executor")
     parser.add_argument("--dry-run", action="store_true", help="print what would run, submit nothing")
     try:
-        from launchers.slurm.submit import check_stages
+        from launchers.slurm.submit import check_stages, check_world
         from pipeline.config import load_recipe
 
         args = parser.parse_intermixed_args(argv)
@@ -151,6 +154,8 @@ def main(argv=None) -> None:
             raise UserError("python -m launchers.nemo: name at least one stage")
         check_stages(stages)
         recipe = load_recipe(args.recipe, overrides)
+        if args.executor == "slurm":
+            check_world(recipe, stages)
         # nemo-run's console chatter goes to stderr, so that a dry run's stdout is the scripts alone
         with contextlib.redirect_stdout(sys.stderr if args.dry_run else sys.stdout):
             scripts = run_stages(recipe, args.recipe, stages, overrides, args.executor, args.nproc, args.dry_run)

@@ -21,7 +21,8 @@ NANO = "recipes/nemotron_nano_v3_30b.yaml"
 GOLDEN = os.path.join(REPO, "tests", "golden", "slurm_nano_4x8_pretrain.sbatch")
 CLUSTER = ["slurm.account=llm_research", "slurm.partition=batch", "slurm.workdir=/lustre/you/star-elastic",
            "slurm.container_image=/lustre/you/images/star-elastic.sqsh",
-           "slurm.container_mounts=[/lustre:/lustre]", "slurm.setup=[echo setup line]"]
+           "slurm.container_mounts=[/lustre:/lustre]", "slurm.setup=[echo setup line]",
+           "slurm.extra_sbatch=[--constraint=h100]"]
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ def test_dry_run_renders_the_golden_4x8_script(capsys):
     bash_syntax_ok(out)
     lines = out.splitlines()
     for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=TERM@120", "--requeue",
-                 "--account=llm_research", "--partition=batch", "--time=04:00:00"):
+                 "--account=llm_research", "--partition=batch", "--time=04:00:00", "--constraint=h100"):
         assert f"#SBATCH {flag}" in lines, flag
     assert "export NCCL_NVLS_ENABLE=0" in lines and 'export MASTER_ADDR="$MASTER_NODE"' in lines
     # the stage gets the recipe overrides but not the slurm.* ones (those shaped the job)
@@ -120,7 +121,7 @@ def test_nemo_run_dry_run_of_the_same_job(nemo, tmp_path):
     lines = sbatch.splitlines()
     for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=TERM@120", "--requeue",
                  "--account=llm_research", "--partition=batch", "--time=04:00:00", "--exclusive",
-                 "--job-name=nano_v3_elastic-pretrain", "--kill-on-invalid-dep=yes"):
+                 "--job-name=nano_v3_elastic-pretrain", "--kill-on-invalid-dep=yes", "--constraint=h100"):
         assert f"#SBATCH {flag}" in lines, flag
     assert "export TORCHX_MAX_RETRIES=3" in lines and "export NCCL_NVLS_ENABLE=0" in lines
     assert 'export MASTER_ADDR="$MASTER_NODE"' in lines and "echo setup line" in lines

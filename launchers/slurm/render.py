@@ -27,10 +27,19 @@ class StageJob:
     script: str
 
 
+def stage_nodes(recipe: Recipe, stage: str) -> int:
+    per_stage = recipe.slurm.stages.get(stage)
+    return per_stage.nodes if per_stage and per_stage.nodes else recipe.slurm.nodes
+
+
+def stage_time(recipe: Recipe, stage: str) -> str:
+    per_stage = recipe.slurm.stages.get(stage)
+    return per_stage.time if per_stage and per_stage.time else recipe.slurm.time
+
+
 def render_stage(recipe: Recipe, recipe_path: str, stage: str, overrides: Sequence[str] = (),
                  template: str = TEMPLATE) -> StageJob:
     s = recipe.slurm
-    per_stage = s.stages.get(stage)
     workdir = os.path.abspath(s.workdir or os.getcwd())
     log_dir = os.path.join(workdir, recipe.run.root, recipe.run.name, "slurm")  # join keeps an absolute root
     job_name = s.job_name or f"{recipe.run.name}-{stage}"
@@ -41,10 +50,10 @@ def render_stage(recipe: Recipe, recipe_path: str, stage: str, overrides: Sequen
         "recipe": recipe_path,
         "stage": stage,
         "job_name": job_name,
-        "nodes": str(per_stage.nodes if per_stage and per_stage.nodes else s.nodes),
+        "nodes": str(stage_nodes(recipe, stage)),
         "tasks_per_node": str(s.tasks_per_node),
         "cpus_per_task": str(s.cpus_per_task),
-        "time": per_stage.time if per_stage and per_stage.time else s.time,
+        "time": stage_time(recipe, stage),
         "workdir": workdir,
         "log_dir": log_dir,
         "signal_seconds": str(s.signal_seconds),

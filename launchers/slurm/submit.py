@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from typing import Callable, List, Optional, Sequence
 
-from launchers.slurm.render import StageJob, render_stage
+from launchers.slurm.render import StageJob, render_stage, stage_nodes
 from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 
@@ -22,24 +22,22 @@ def check_stages(stages: Sequence[str]) -> None:
                             f"(choose from {', '.join(STAGES)})")
 
 
-def check_world(recipe: Recipe, jobs: Sequence[StageJob]) -> None:
+def check_world(recipe: Recipe, stages: Sequence[str]) -> None:
     """The ranks a job gets must split into the recipe's model-parallel groups."""
-    p, s = recipe.parallelism, recipe.slurm
+    p, per_node = recipe.parallelism, recipe.slurm.tasks_per_node
     model_parallel = p.tp * p.pp * p.cp
-    for job in jobs:
-        nodes = s.stages[job.stage].nodes if job.stage in s.stages and s.stages[job.stage].nodes else s.nodes
-        world = nodes * s.tasks_per_node
-        if world % model_parallel:
-            raise UserError(f"slurm: stage {job.stage} gets {nodes} node(s) x {s.tasks_per_node} tasks = {world} "
+    for stage in stages:
+        nodes = stage_nodes(recipe, stage)
+        if (nodes * per_node) % model_parallel:
+            raise UserError(f"slurm: stage {stage} gets {nodes} node(s) x {per_node} tasks = {nodes * per_node} "
                             f"ranks, not divisible by parallelism tp*pp*cp = {model_parallel}")
 
 
 def render_chain(recipe: Recipe, recipe_path: str, stages: Sequence[str],
                  overrides: Sequence[str] = ()) -> List[StageJob]:
     check_stages(stages)
-    jobs = [render_stage(recipe, recipe_path, stage, overrides) for stage in stages]
-    check_world(recipe, jobs)
-    return jobs
+    check_world(recipe, stages)
+    return [render_stage(recipe, recipe_path, stage, overrides) for stage in stages]
 
 
 def dependency_flag(after: Optional[str]) -> List[str]:
