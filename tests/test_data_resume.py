@@ -121,3 +121,18 @@ def test_rerun_reuses_up_to_date_sources(recipe):
         assert open(os.path.join(data, name), "rb").read() == blob  # deterministic corpus, tokenizer, output
     dataset = build_dataset(recipe, "train", 32, 10, seed=1)
     assert len(dataset) >= 10
+
+
+def test_loading_without_matching_prepared_data_is_a_user_error(recipe, tmp_path):
+    from pipeline.errors import UserError
+
+    other = load_recipe(TINY, [f"run.root={tmp_path}"])
+    with pytest.raises(UserError, match=r"no prepared data at .*blend.json: run `python -m pipeline data"):
+        train_batches(other, "pretrain", 0, MBS, 0, 1)
+    tokenizer_dir = os.path.join(recipe.run.root, "tiny", "data", "tokenizer")
+    recipe.data.tokenizer = tokenizer_dir  # the same files, but not what the data stage was run with
+    try:
+        with pytest.raises(UserError, match="was tokenized with data.tokenizer = '', the recipe says"):
+            train_batches(recipe, "pretrain", 0, MBS, 0, 1)
+    finally:
+        recipe.data.tokenizer = ""
