@@ -27,6 +27,10 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from pipeline.errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
+# DistributedOptimizer state per DP shard (reshardable across DP sizes; a TP/PP/EP change restarts the
+# optimizer from the model weights through training.init_from). "fully_reshardable" fails to load in 0.19.2
+# without TE/apex (no per-param "step").
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -69,8 +73,10 @@ def _rank_object(key: str, data: Any) -> ShardedObject:
 
 
 def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    """DDP-wrapped or bare, checkpoints hold the bare model's keys."""
-    return getattr(m, "module", m)
+    """DDP / Float16Module wrapped or bare, checkpoints hold the bare model's keys."""
+    while hasattr(m, "module"):
+        m = m.module
+    return m
 
 
 def _model_key(i: int, n: int) -> str:
@@ -111,7 +117,7 @@ def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None
     dist.barrier()
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False, metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration, world_size=dist.get_world_size())
@@ -141,7 +147,8 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     _check_dir(ckpt)
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
+        _init_adam_steps(optimizer)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     common = dist_checkpointing.load_common_state_dict(ckpt)
     same_world = common.get("state", {}).get("world_size") == dist.get_world_size()
     if load_rng and same_world:
@@ -162,6 +169,19 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     if "rng" in loaded:
         set_rng_state(loaded["rng"])
     return common.get("state", {})
+
+
+def _init_adam_steps(optimizer) -> None:
+    """Without TE/apex, megatron's DistributedOptimizer reads one common Adam ``step`` from the torch
+    optimizer's state when building its state dict, but a fresh optimizer's init_state_fn creates only the
+    moments: give every param state a step (overwritten by the checkpoint) so loading works."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None or not hasattr(opt, "buffers"):  # DistributedOptimizer only
+            continue
+        init(inner, opt.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
 
 
 def _check_dir(ckpt: str) -> None:

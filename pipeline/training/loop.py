@@ -18,6 +18,7 @@ import yaml
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from pipeline import parallel
 from pipeline.config.load import recipe_to_dict
@@ -70,6 +71,8 @@ class Trainer:
         dist.barrier()
 
         model = self.task.build_model(torch.bfloat16 if self.bf16 else torch.float32)
+        if self.bf16:  # megatron's convention: every param bf16 (Mamba's A_log/D too), fp32 master weights
+            model = Float16Module(model.config, model)
         self.model = [wrap_ddp(self.recipe, model)]
         self.optimizer, self.scheduler = build_optimizer(self.recipe, t, self.model, self.bf16,
                                                          self.task.optimizer_overrides())
