@@ -1,8 +1,6 @@
 """The Nano v3 recipe maps one-to-one onto transformers' NemotronH: config keys and parameter inventories
 (names and shapes, no weights: both models are built on the meta device)."""
 
-import dataclasses
-
 import torch
 
 from conftest import NANO

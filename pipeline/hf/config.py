@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from pipeline.config.schema import ModelConfig
 from pipeline.errors import UserError
@@ -207,7 +207,3 @@ def _num(v) -> float:
     if isinstance(v, dict) and "__float__" in v:
         return float(v["__float__"])
     return float(v)
-
-
-def describe_pattern(pattern: str) -> List[str]:
-    return [TO_HF_BLOCK[s] for s in pattern]

@@ -99,6 +99,7 @@ class _LazyPlanner(DefaultSavePlanner):
         self._items = [_tensor_item(t) for t in tensors]
         self._items += [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self._objects]
         self._materialize, self._on_write = materialize, on_write
+        self._previous: Optional[torch.Tensor] = None
 
     def create_local_plan(self) -> SavePlan:
         self.plan = SavePlan(items=self._items)
@@ -107,6 +108,7 @@ class _LazyPlanner(DefaultSavePlanner):
     def lookup_object(self, index: MetadataIndex) -> Any:
         if index.offset is None:  # a ShardedObject: megatron stores the list of this key's local data
             return [self._objects[index.fqn].data]
+        self.release()
         sh = self._tensors[(index.fqn, tuple(index.offset))]
         data = self._materialize(sh)
         want = chunk_shape(sh)
@@ -115,7 +117,17 @@ class _LazyPlanner(DefaultSavePlanner):
                              f"checkpoint expects {sh.data.dtype}{list(want)}")
         if self._on_write:
             self._on_write(data.numel() * data.element_size())
-        return data.contiguous()
+        self._previous = data.clone(memory_format=torch.contiguous_format)  # storage owned by us alone
+        return self._previous
+
+    def release(self) -> None:
+        """Free the previously returned shard. torch 2.13's FileSystemWriter keeps a reference to every
+        tensor it wrote until its file is closed (for its safetensors option), which would hold a rank's
+        whole share; the serial writer asks for the next shard only after writing the previous one, so
+        emptying the previous shard's storage here is safe and keeps one shard alive."""
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+            self._previous = None
 
 
 def save_lazy(ckpt_dir: str, tensors: List[ShardedTensor], objects: List[ShardedObject], common: Dict[str, Any],
@@ -125,14 +137,19 @@ def save_lazy(ckpt_dir: str, tensors: List[ShardedTensor], objects: List[Sharded
     rank = dist.get_rank()
     if rank == 0:
         objects = objects + [ShardedObject("common_state", common, (1,), (0,), replica_id=0)]
-    writer = dcp.FileSystemWriter(ckpt_dir, single_file_per_rank=True, sync_files=True, thread_count=1)
+    # one thread, no copy-ahead: the serial loader resolves a shard only when it is about to be written
+    writer = dcp.FileSystemWriter(ckpt_dir, single_file_per_rank=True, sync_files=True, thread_count=1,
+                                  per_thread_copy_ahead=0)
+    planner = _LazyPlanner(tensors, objects, materialize, on_write)
     try:
-        dcp.save({}, storage_writer=writer, planner=_LazyPlanner(tensors, objects, materialize, on_write))
+        dcp.save({}, storage_writer=writer, planner=planner)
     except CheckpointException as e:  # DCP wraps every rank's failure; surface a user mistake as such
         for exc, _ in e.failures.values():
             if isinstance(exc, UserError):
                 raise exc from None
         raise
+    finally:
+        planner.release()
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1), ckpt_dir)
     dist.barrier()

@@ -22,7 +22,7 @@ from pipeline.hf import config as hf_config
 from pipeline.hf.mapping import Link, hf_shapes, links, mcore_shapes
 from pipeline.hf.safetensors_io import INDEX, SINGLE, ShardWriter, plan_shards
 
-GROUP_BYTES = 256 << 20
+GROUP_BYTES = 64 << 20
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -86,13 +86,14 @@ class _Reader:
                 if link.expert is None:
                     request[f"{li}/{key}"] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype),
                                                                              replica_id=0)
-                else:
+                else:  # one expert: a [1, ...] slice of the stacked tensor (no prepended axis, so one
+                    # load may hold any subset of a key's experts)
                     request[f"{li}/{key}"] = ShardedTensor.from_rank_offsets(
-                        key, torch.empty(shape[1:], dtype=dtype), (0, link.expert, shape[0]), replica_id=0,
-                        prepend_axis_num=1)
+                        key, torch.empty((1,) + shape[1:], dtype=dtype), (0, link.expert, shape[0]), replica_id=0)
         loaded = dist_checkpointing.load(request, self.ckpt_dir, sharded_strategy=self.strategy,
                                          validate_access_integrity=False)
-        return [[loaded[f"{li}/{key}"] for key in link.mcore] for li, link in enumerate(group)]
+        return [[loaded[f"{li}/{key}"].squeeze(0) if link.expert is not None else loaded[f"{li}/{key}"]
+                 for key in link.mcore] for li, link in enumerate(group)]
 
 
 def _groups(model_links: List[Link], reader: _Reader) -> Iterator[List[Link]]:

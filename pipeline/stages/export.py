@@ -65,8 +65,10 @@ def main(recipe, args) -> None:
     from pipeline import parallel
     from pipeline.hf.exporter import export_hf
     from pipeline.hf.importer import HF_FILES
+    from pipeline.hf.malloc import pin_mmap_threshold
     from pipeline.training.loop import stage_dir
 
+    pin_mmap_threshold()
     ckpt = resolve_checkpoint(recipe, args.checkpoint)
     parent = os.path.join(stage_dir(recipe, "import"), HF_FILES)
     base = None

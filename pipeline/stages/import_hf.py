@@ -52,7 +52,9 @@ def main(recipe, args) -> None:
     import torch
 
     from pipeline.hf.importer import check_import, import_hf
+    from pipeline.hf.malloc import pin_mmap_threshold
 
+    pin_mmap_threshold()
     recipe, _ = check_import(recipe, args.hf, args.derive_model)  # fail fast, before megatron loads
     recipe = _layout(recipe)
     from pipeline import parallel
