@@ -46,9 +46,16 @@ def newest_checkpoint(recipe) -> str:
 
 
 def resolve_checkpoint(recipe, spec: str) -> str:
-    from pipeline.training.loop import resolve_init
+    from pipeline.training import checkpoint
 
-    return resolve_init(recipe, spec) if spec else newest_checkpoint(recipe)
+    if not spec:
+        return newest_checkpoint(recipe)
+    if os.path.exists(spec):
+        return checkpoint.resolve(spec)
+    stage = os.path.join(recipe.run.root, recipe.run.name, spec, "checkpoints")
+    if not os.path.isdir(stage):
+        raise UserError(f"--checkpoint {spec}: neither a path nor a stage of this run ({stage} missing)")
+    return checkpoint.resolve(stage)
 
 
 def dry_run(recipe, args) -> None:
@@ -66,11 +73,10 @@ def main(recipe, args) -> None:
     from pipeline.hf.exporter import export_hf
     from pipeline.hf.importer import HF_FILES
     from pipeline.hf.malloc import pin_mmap_threshold
-    from pipeline.training.loop import stage_dir
 
     pin_mmap_threshold()
     ckpt = resolve_checkpoint(recipe, args.checkpoint)
-    parent = os.path.join(stage_dir(recipe, "import"), HF_FILES)
+    parent = os.path.join(recipe.run.root, recipe.run.name, "import", HF_FILES)
     base = None
     if os.path.isfile(os.path.join(parent, "config.json")):
         with open(os.path.join(parent, "config.json")) as f:
