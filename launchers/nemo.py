@@ -97,6 +97,10 @@ def slurm_executor(recipe: Recipe, stage: str, job_dir: str):
 def local_executor(nproc: int):
     import nemo_run as run
 
+    # nemo-run starts `torchrun` by name: use the one beside this interpreter (a venv need not be on PATH)
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     return run.LocalExecutor(ntasks_per_node=nproc, launcher="torchrun" if nproc > 1 else None)
 
 

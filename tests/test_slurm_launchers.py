@@ -1,6 +1,6 @@
 """Launchers without a scheduler: the sbatch dry run for the 4-node x 8-GPU Nano recipe against a golden file,
 stage chaining, per-stage resources, user errors, the nemo-run dry run of the same job, the Makefile's stage
-targets and launchers/local.sh (torchrun, 2 ranks)."""
+targets, and real 2-rank runs through launchers/local.sh and nemo-run's LocalExecutor."""
 
 import json
 import os
@@ -170,18 +170,26 @@ def test_make_stage_targets_call_the_launchers():
         assert f"error: python -m pipeline: argument STAGE: invalid choice: '{missing[0]}'" in done.stderr
 
 
+SHORT_RUN = ["training.train_iters=4", "training.lr_warmup_iters=1", "training.seq_length=32",
+             "training.global_batch_size=4", "training.micro_batch_size=1", "checkpointing.save_interval=4",
+             "logging.tensorboard=false"]
+
+
 @pytest.mark.slow
-def test_local_sh_two_ranks_torchrun(tmp_path):
-    """launchers/local.sh with NPROC=2: torchrun --standalone, two gloo ranks (dp 2), a finished run dir."""
+def test_local_sh_and_nemo_local_executor_run_two_ranks(tmp_path):
+    """launchers/local.sh and nemo-run's LocalExecutor (both torchrun, NPROC=2): dp 2, the same final loss."""
     env = dict(os.environ, NPROC="2", PY=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run([os.path.join(REPO, "launchers", "local.sh"), "pretrain", "--recipe",
-                           os.path.join(REPO, "recipes", "tiny.yaml"), f"run.root={tmp_path}",
-                           "training.train_iters=4", "training.lr_warmup_iters=1", "training.seq_length=32",
-                           "training.global_batch_size=4", "training.micro_batch_size=1",
-                           "checkpointing.save_interval=4", "logging.tensorboard=false"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-3000:]
-    assert "dp 2 |" in out and "step 4/4" in out
-    with open(tmp_path / "tiny" / "pretrain" / "final.json") as f:
-        assert json.load(f)["iteration"] == 4
+    local = subprocess.run([os.path.join(REPO, "launchers", "local.sh"), "pretrain", "--recipe",
+                            os.path.join(REPO, "recipes", "tiny.yaml"), f"run.root={tmp_path}/sh", *SHORT_RUN],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    nemo = subprocess.run(["make", "-s", "pretrain", "LAUNCHER=nemo", "NEMO_EXECUTOR=local", "NPROC=2",
+                           f"PY={sys.executable}", f"ARGS=run.root={tmp_path}/nemo " + " ".join(SHORT_RUN)],
+                          cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    finals = []
+    for done, root in ((local, "sh"), (nemo, "nemo")):
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-3000:]
+        assert "dp 2 |" in out and "step 4/4" in out
+        with open(tmp_path / root / "tiny" / "pretrain" / "final.json") as f:
+            finals.append(json.load(f))
+    assert finals[0]["iteration"] == 4 and finals[0] == finals[1]
