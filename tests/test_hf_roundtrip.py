@@ -164,4 +164,6 @@ def test_import_at_tp2_and_ep2_matches_transformers(parent, tmp_path):
 
     # written at TP=2, loaded into a single-rank model: megatron reshards
     ours = our_logits(recipe_for(root), results[0]["tp2ep1"]["ckpt"], parent["tokens"])
-    assert (ours - parent["logits"]).abs().max().item() <= TOL
+    delta = (ours - parent["logits"]).abs().max().item()
+    print(f"written at TP=2, loaded at TP=1: max |logits ours - transformers| = {delta:.3g}")
+    assert delta <= TOL
