@@ -42,8 +42,10 @@ test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 params:
 	$(PY) -m pipeline params --recipe $(RECIPE) $(ARGS)
 
-demo:             ## the whole pipeline on the tiny recipe, on CPU
-	$(PY) -m pipeline pretrain --recipe $(RECIPE) $(ARGS)
+demo:             ## the pipeline so far on the tiny recipe, on CPU: demo data -> pretrain on it -> HF export
+	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
+	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline export --recipe $(RECIPE) --checkpoint pretrain --out runs/tiny/hf --overwrite $(ARGS)
 
 # ---- stage targets (launchers/: docs/launching.md)
 $(STAGES):
