@@ -86,6 +86,8 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         for key, allowed in TRAINING_CHOICES.items():
             if getattr(t, key) not in allowed:
                 fail(f"{stage}.training.{key} = {getattr(t, key)!r}, expected one of {', '.join(allowed)}")
+        if t.lr_warmup_iters and t.lr_warmup_iters >= t.train_iters:
+            fail(f"{stage}.training.lr_warmup_iters = {t.lr_warmup_iters} must be below train_iters = {t.train_iters}")
         if t.global_batch_size % t.micro_batch_size:
             fail(f"{stage}.training.global_batch_size = {t.global_batch_size} is not a multiple of "
                  f"micro_batch_size = {t.micro_batch_size}")
