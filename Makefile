@@ -32,8 +32,12 @@ setup:            ## make .venv and install the pinned CPU stack + the project (
 	$(PY) -m pip install -q "numpy<2.5" torch==2.13.0
 	$(PY) -m pip install -q --ignore-requires-python "megatron-core==0.19.2"
 	$(PY) -m pip install -q --ignore-requires-python -e ".[test,launch]"
+	touch .venv/.installed
 
-test:             ## the CPU test suite (CI runs exactly this)
+.venv/.installed:  # `make demo` / `make test` on a fresh clone set up first
+	$(MAKE) setup
+
+test: .venv/.installed  ## the CPU test suite (CI runs exactly this)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
@@ -42,7 +46,7 @@ test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 params:
 	$(PY) -m pipeline params --recipe $(RECIPE) $(ARGS)
 
-demo:             ## the pipeline so far on the tiny recipe, on CPU: demo data -> pretrain on it -> HF export
+demo: .venv/.installed  ## the pipeline so far on the tiny recipe, on CPU: demo data -> pretrain on it -> HF export
 	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --checkpoint pretrain --out runs/tiny/hf --overwrite $(ARGS)
