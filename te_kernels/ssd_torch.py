@@ -89,7 +89,7 @@ def mamba_chunk_scan_combined(
 ):
     """Same contract as ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`` (no varlen)."""
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-        raise NotImplementedError("packed sequences need mamba-ssm's Triton kernels (GPU)")
+        raise ValueError("packed sequences (seq_idx/cu_seqlens) need mamba-ssm's Triton kernels (GPU)")
     out_dtype = x.dtype
     f = torch.promote_types(x.dtype, torch.float32)  # compute in fp32 (fp64 stays fp64 for tests)
     heads, groups = x.shape[2], B.shape[2]
