@@ -35,28 +35,15 @@ Materialize = Callable[[ShardedTensor], torch.Tensor]
 def meta_model(recipe: Recipe, dtype: torch.dtype):
     """The recipe's HybridModel on the meta device (local spec: its checkpoint keys are the TE keys)."""
     from megatron.core import parallel_state
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from pipeline.model.build import pipeline_pattern, transformer_config
-    from pipeline.model.spec import get_backend, hybrid_stack_spec
+    from pipeline.model.build import hybrid_model, transformer_config
 
-    m, p = recipe.model, recipe.parallelism
     config = transformer_config(recipe, dtype, use_cpu_init=True)
     config.perform_initialization = False  # nothing to initialise on meta
     config.moe_grouped_gemm = False  # SequentialMLP and grouped GEMM share checkpoint keys
     with torch.device("meta"):
-        return HybridModel(
-            config=config,
-            hybrid_stack_spec=hybrid_stack_spec(get_backend(False), m.num_experts, m.mamba_conv_kernel,
-                                                m.mamba_chunk_size),
-            vocab_size=m.vocab_size,
-            max_sequence_length=m.max_sequence_length,
-            hybrid_layer_pattern=pipeline_pattern(m.pattern, p.pp, p.pp_layers),
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=m.tie_embeddings,
-            position_embedding_type="none",
-        )
+        return hybrid_model(recipe, config, use_te=False, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
 
 
 def sharded_entries(model) -> Tuple[List[ShardedTensor], List[ShardedObject]]:

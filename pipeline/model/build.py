@@ -103,18 +103,12 @@ def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
     return "|".join(out)
 
 
-def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
-                use_te=None) -> HybridModel:
-    use_te = te_available() if use_te is None else use_te
-    cpu = not torch.cuda.is_available()
-    config = transformer_config(recipe, dtype, use_cpu_init=cpu)
+def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_process: bool,
+                 post_process: bool) -> HybridModel:
+    """The HybridModel for this recipe and config (no device placement; import builds it on meta)."""
     m, p = recipe.model, recipe.parallelism
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
     spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size)
-    model = HybridModel(
+    return HybridModel(
         config=config,
         hybrid_stack_spec=spec,
         vocab_size=m.vocab_size,
@@ -125,6 +119,18 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="none",
     )
+
+
+def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
+                use_te=None) -> HybridModel:
+    use_te = te_available() if use_te is None else use_te
+    cpu = not torch.cuda.is_available()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = hybrid_model(recipe, transformer_config(recipe, dtype, use_cpu_init=cpu), use_te, pre_process,
+                         post_process)
     if not cpu:
         model.cuda()
     return model
