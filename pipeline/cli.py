@@ -21,7 +21,11 @@ STAGES = {
     "data": ("data", "tokenize the recipe's sources into megatron indexed datasets + blend"),
     "pretrain": ("pretrain", "train the parent as a plain language model"),
     "import": ("import_hf", "convert a Hugging Face NemotronH model into the run's import checkpoint"),
+    "importance": ("importance", "score every elastic axis on calibration data and permute the parent"),
+    "stage1": ("stage1", "elastic training, stage 1: router + nested masks + KD, budgets sampled uniformly"),
+    "stage2": ("stage2", "elastic training, stage 2: long context, weighted budget sampling"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
+    "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
 }
 
 

@@ -214,6 +214,25 @@ class TrainStageConfig:
 
 
 @dataclass
+class ImportanceConfig:
+    """The importance stage: score every elastic axis on calibration data, permute the parent."""
+
+    init_from: str = "pretrain"  # the parent: a stage name (its latest checkpoint) or a checkpoint path
+    data: str = "blend"  # blend (the data stage's calibration subset) | synthetic
+    samples: int = 0  # calibration sequences; 0 = data.calibration_samples
+    seq_length: int = 0  # tokens per sequence; 0 = data.calibration_seq_length
+    micro_batch_size: int = 1
+    depth: bool = False  # also rank layers by iterative normalised-MSE removal (one pass per removed layer)
+
+
+@dataclass
+class ElasticStageConfig(TrainStageConfig):
+    """An elastic training stage (stage1, stage2): ``training`` overrides plus how budgets are sampled."""
+
+    budget_weights: List[float] = field(default_factory=list)  # sampling probability per elastic budget; [] = uniform
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,8 +243,11 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     pretrain: TrainStageConfig = field(default_factory=TrainStageConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    stage1: ElasticStageConfig = field(default_factory=ElasticStageConfig)
+    stage2: ElasticStageConfig = field(default_factory=ElasticStageConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # Sections whose ``training`` block is resolved over the top-level ``training`` section.
-TRAIN_STAGES = ("pretrain",)
+TRAIN_STAGES = ("pretrain", "stage1", "stage2")
