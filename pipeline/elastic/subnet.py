@@ -132,3 +132,34 @@ class Subnet:
 # Subnet axis -> the parameter counter's Dims field.
 _DIMS_FIELD = {"hidden": "hidden", "attention_heads": "attention_heads", "mamba_heads": "mamba_heads", "ffn": "ffn",
                "moe_ffn": "moe_ffn", "shared_expert_ffn": "shared_expert_ffn", "experts": "experts"}
+
+
+# Written by stage 2 next to its checkpoints (and by export into elastic.json): every budget's resolved subnet.
+BUDGETS_FILE = "elastic_budgets.json"
+
+
+@dataclass
+class ResolvedBudget:
+    name: str
+    fraction: float  # the target, as a fraction of the full model's active parameters
+    subnet: Subnet
+
+
+def budgets_to_json(m: ModelConfig, budgets: List[ResolvedBudget]) -> Dict[str, Any]:
+    full = Subnet.full(m).count(m)
+    rows = []
+    for b in budgets:
+        c = b.subnet.count(m)
+        rows.append({"name": b.name, "fraction": b.fraction, "subnet": b.subnet.to_json(),
+                     "params": int(c.total), "active_params": int(c.active),
+                     "active_fraction": float(c.active) / float(full.active)})
+    return {"format": 1, "full_params": int(full.total), "full_active_params": int(full.active), "budgets": rows}
+
+
+def budgets_from_json(data: Dict[str, Any], where: str) -> List[ResolvedBudget]:
+    """ValueError naming ``where`` for a malformed file."""
+    try:
+        return [ResolvedBudget(str(b["name"]), float(b["fraction"]), Subnet.from_json(b["subnet"]))
+                for b in data["budgets"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed elastic budgets ({e})") from None
