@@ -1,12 +1,19 @@
 """``export`` stage: a pipeline checkpoint -> a Hugging Face NemotronH directory (safetensors + config.json).
 
-    python -m pipeline export --recipe R.yaml --out exported/ [--checkpoint STAGE_OR_PATH]
+    python -m pipeline export --recipe R.yaml [--out DIR] [--checkpoint STAGE_OR_PATH]
 
-The checkpoint is a stage name (its latest checkpoint), a checkpoint path, or by default the run's most
-recently written stage checkpoint. config.json is written from the recipe's model section over the
-imported parent's config (token ids, time-step settings and other keys we do not own carry through);
-tokenizer files come from ``data.tokenizer`` (or the demo tokenizer) and else from the imported parent.
-The result loads with transformers (``NemotronHForCausalLM``), vLLM and SGLang.
+The checkpoint is a stage name (its latest checkpoint), a checkpoint path, or by default the newest of
+stage2 > stage1 > pretrain that has one (else the run's most recently written stage checkpoint).
+config.json is written from the recipe's model section over the imported parent's config (token ids,
+time-step settings and other keys we do not own carry through); tokenizer files come from
+``data.tokenizer`` (or the demo tokenizer) and else from the imported parent. The result loads with
+transformers (``NemotronHForCausalLM``), vLLM and SGLang.
+
+When the checkpoint's stage wrote ``elastic_budgets.json`` beside its ``checkpoints/`` (stage 2), the
+output is the elastic checkpoint (default ``<root>/<name>/elastic``): the HF model of the permuted full
+weights, ``elastic.json`` (every budget's resolved sizes, the model section, the source checkpoint and a
+storage report), the tokenizer, and a copy of the megatron checkpoint under ``megatron/`` for further
+training. ``python -m pipeline slice`` cuts one budget out of it (docs/elastic_export.md).
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (HF format)")
+    parser.add_argument("--out", metavar="DIR", default="",
+                        help="output directory (default: <root>/<name>/elastic for an elastic checkpoint, "
+                             "<root>/<name>/hf otherwise)")
     parser.add_argument("--checkpoint", metavar="STAGE_OR_PATH", default="",
-                        help="stage name or checkpoint path (default: the run's newest stage checkpoint)")
+                        help="stage name or checkpoint path (default: stage2 > stage1 > pretrain, else the "
+                             "run's newest stage checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
@@ -45,11 +55,24 @@ def newest_checkpoint(recipe) -> str:
     return checkpoint.resolve(max(found)[1])
 
 
+DEFAULT_STAGES = ("stage2", "stage1", "pretrain")  # what a user most likely wants exported, in order
+
+
+def default_checkpoint(recipe) -> str:
+    from pipeline.training import checkpoint
+
+    for stage in DEFAULT_STAGES:
+        root = os.path.join(recipe.run.root, recipe.run.name, stage, "checkpoints")
+        if os.path.isfile(os.path.join(root, checkpoint.LATEST)):
+            return checkpoint.resolve(root)
+    return newest_checkpoint(recipe)
+
+
 def resolve_checkpoint(recipe, spec: str) -> str:
     from pipeline.training import checkpoint
 
     if not spec:
-        return newest_checkpoint(recipe)
+        return default_checkpoint(recipe)
     if os.path.exists(spec):
         return checkpoint.resolve(spec)
     stage = os.path.join(recipe.run.root, recipe.run.name, spec, "checkpoints")
@@ -58,11 +81,32 @@ def resolve_checkpoint(recipe, spec: str) -> str:
     return checkpoint.resolve(stage)
 
 
+def budgets_file(ckpt: str) -> str:
+    """Where the checkpoint's stage keeps its resolved budgets: ``<stage>/elastic_budgets.json``."""
+    from pipeline.elastic.subnet import BUDGETS_FILE
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), BUDGETS_FILE)
+
+
+def _plan(recipe, args):
+    """(checkpoint, budgets file or "", budgets or None, output dir): everything checked before megatron loads."""
+    from pipeline.elastic.elastic_dir import read_budgets
+
+    ckpt = resolve_checkpoint(recipe, args.checkpoint)
+    path = budgets_file(ckpt)
+    budgets = read_budgets(path, recipe.model) if os.path.isfile(path) else None
+    run = os.path.join(recipe.run.root, recipe.run.name)
+    out = args.out or os.path.join(run, "elastic" if budgets else "hf")
+    return ckpt, (path if budgets else ""), budgets, out
+
+
 def dry_run(recipe, args) -> None:
     from pipeline.hf import config as hf_config
 
     hf_config.hf_config_from_model(recipe.model)
-    print(f"# export {resolve_checkpoint(recipe, args.checkpoint)} -> {args.out}")
+    ckpt, path, budgets, out = _plan(recipe, args)
+    what = f"elastic checkpoint, budgets {', '.join(b.name for b in budgets)} from {path}" if budgets else "HF model"
+    print(f"# export {ckpt} -> {out} ({what})")
 
 
 def main(recipe, args) -> None:
@@ -70,12 +114,14 @@ def main(recipe, args) -> None:
 
     from data_prep.layout import tokenizer_dir
     from pipeline import parallel
+    from pipeline.elastic.elastic_dir import export_elastic
+    from pipeline.elastic.storage import format_report
     from pipeline.hf.exporter import export_hf
     from pipeline.hf.importer import HF_FILES
     from pipeline.hf.malloc import pin_mmap_threshold
 
     pin_mmap_threshold()
-    ckpt = resolve_checkpoint(recipe, args.checkpoint)
+    ckpt, budgets_path, budgets, out_dir = _plan(recipe, args)
     parent = os.path.join(recipe.run.root, recipe.run.name, "import", HF_FILES)
     base = None
     if os.path.isfile(os.path.join(parent, "config.json")):
@@ -87,10 +133,15 @@ def main(recipe, args) -> None:
     try:
         if torch.distributed.get_rank() == 0:
             dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-            out = export_hf(recipe.model, ckpt, args.out, dtype=dtype, base_config=base,
-                            files_from=(tokenizer_dir(recipe), parent), overwrite=args.overwrite,
-                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-            print(f"exported {ckpt} -> {out}")
+            common = dict(dtype=dtype, base_config=base, files_from=(tokenizer_dir(recipe), parent),
+                          overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+            if budgets:
+                out, report = export_elastic(recipe.model, ckpt, out_dir, budgets, budgets_path, **common)
+                print(f"exported elastic checkpoint {ckpt} -> {out} (budgets: {', '.join(b.name for b in budgets)})")
+                print(format_report(report))
+            else:
+                out = export_hf(recipe.model, ckpt, out_dir, **common)
+                print(f"exported {ckpt} -> {out}")
         torch.distributed.barrier()
     finally:
         parallel.shutdown()
