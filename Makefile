@@ -51,6 +51,12 @@ demo: .venv/.installed  ## the pipeline so far on the tiny recipe, on CPU: demo 
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --checkpoint pretrain --out runs/tiny/hf --overwrite $(ARGS)
 
+.PHONY: slice
+BUDGET ?=
+OUT    ?=
+slice:            ## one budget of the run's elastic checkpoint as a standalone HF model: make slice BUDGET=medium OUT=runs/tiny/medium
+	$(PY) -m pipeline slice --recipe $(RECIPE) --budget $(BUDGET) --out $(OUT) $(ARGS)
+
 # ---- stage targets (launchers/: docs/launching.md)
 $(STAGES):
 	$(call launch_$(LAUNCHER),$@)

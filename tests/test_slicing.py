@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from test_hf_roundtrip import PATTERN, TOL, make_hf_parent, recipe_for
+from test_hf_roundtrip import TOL, make_hf_parent, recipe_for
 
 # the tiny recipe's elastic.axes (recipes/tiny.yaml), plus a dense-MLP width for the '-' layer of PATTERN
 AXES = {"hidden": [128, 96, 64], "attention_heads": [4, 2], "mamba_heads": [8, 4], "ffn": [256, 128],
@@ -147,7 +147,8 @@ def test_nesting_smaller_budgets_are_prefixes_of_larger(parent):
     assert torch.equal(small["backbone.embeddings.weight"], large["backbone.embeddings.weight"][:, :h])
     assert torch.equal(small["lm_head.weight"], large["lm_head.weight"][:, :h])
     # parent layer 4 (E) is layer 3 in large (layer 2 skipped) and layer 3 in small
-    assert torch.equal(small["backbone.layers.3.mixer.gate.weight"], large["backbone.layers.3.mixer.gate.weight"][:k, :h])
+    gate = "backbone.layers.3.mixer.gate.weight"
+    assert torch.equal(small[gate], large[gate][:k, :h])
     assert torch.equal(small["backbone.layers.3.mixer.experts.3.up_proj.weight"],
                        large["backbone.layers.3.mixer.experts.3.up_proj.weight"][:f, :h])
     assert "backbone.layers.3.mixer.experts.4.up_proj.weight" not in small
@@ -182,7 +183,8 @@ def test_per_layer_sizes_slice_but_have_no_hf_config(parent):
     assert sliced["backbone.layers.1.mixer.gate.weight"].shape == (4, 96)
     assert sliced["backbone.layers.1.mixer.experts.0.up_proj.weight"].shape == (32, 96)
     assert sliced["backbone.layers.4.mixer.experts.5.up_proj.weight"].shape == (48, 96)
-    assert sliced["backbone.layers.0.mixer.A_log"].shape == (8,) and sliced["backbone.layers.2.mixer.A_log"].shape == (4,)
+    assert sliced["backbone.layers.0.mixer.A_log"].shape == (8,)
+    assert sliced["backbone.layers.2.mixer.A_log"].shape == (4,)
     with pytest.raises(ValueError, match=r"per-layer sizes \(layers \[0, 1\]\)"):
         sliced_hf_config(parent["config"], m, sub)
 

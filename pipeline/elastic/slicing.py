@@ -165,7 +165,8 @@ def name_map(names: Iterable[str], model: ModelConfig, subnet: Subnet) -> List[T
     return pairs
 
 
-def slice_state_dict(hf_tensors: Dict[str, torch.Tensor], model: ModelConfig, subnet: Subnet) -> Dict[str, torch.Tensor]:
+def slice_state_dict(hf_tensors: Dict[str, torch.Tensor], model: ModelConfig,
+                     subnet: Subnet) -> Dict[str, torch.Tensor]:
     """Every tensor of the sliced model, by its (renumbered) HF name."""
     subnet.check(model)
     return {new: slice_tensor(old, hf_tensors[old], model, subnet)

@@ -87,8 +87,10 @@ def _scaled(n: float, base: int, units) -> str:
 def format_report(report: Dict[str, Any]) -> str:
     """The report as a table: elements, decimal and binary size per budget, separate total, elastic."""
     def line(name, elements, nbytes, extra=""):
-        return (f"{name:<24}{_scaled(elements, 1000, ['', 'K', 'M', 'B']):>10}  {_scaled(nbytes, 1000, ['B', 'KB', 'MB', 'GB', 'TB']):>10}"
-                f"  {_scaled(nbytes, 1024, ['B', 'KiB', 'MiB', 'GiB', 'TiB']):>11}  {extra}")
+        count = _scaled(elements, 1000, ["", "K", "M", "B"])
+        decimal = _scaled(nbytes, 1000, ["B", "KB", "MB", "GB", "TB"])
+        binary = _scaled(nbytes, 1024, ["B", "KiB", "MiB", "GiB", "TiB"])
+        return f"{name:<24}{count:>10}  {decimal:>10}  {binary:>11}  {extra}"
 
     def sizes(s):
         text = ", ".join(f"{a}={s[a]}" for a in s if a not in ("skip_layers", "per_layer"))
