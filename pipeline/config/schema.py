@@ -167,6 +167,24 @@ class ElasticConfig:
     budgets: List[ElasticBudget] = field(default_factory=list)
     axes: ElasticAxes = field(default_factory=ElasticAxes)
     size_multiple: int = 16  # NVFP4 block size; every width choice must be a multiple
+    # the router (pipeline/elastic/router.py): one MLP per axis with > 1 choice
+    router_hidden: int = 128  # Linear(n_budgets -> router_hidden) -> LeakyReLU(0.1) -> Linear(-> n_choices)
+    router_lr_mult: float = 100.0  # router LR = training.lr x this
+    heterogeneous: bool = False  # per-layer choices for the layer axes (heads, FFN widths, experts)
+    tau0: float = 1.0  # Gumbel-softmax temperature at step 0
+    tau_decay: float = 0.9999  # tau = tau0 * tau_decay ** step
+    logit_scale_start: float = 1.0  # router logits are multiplied by a factor ramped linearly start -> end
+    logit_scale_end: float = 10.0
+    # the budget loss (pipeline/elastic/budget.py)
+    budget_loss_alpha: float = 1.0  # total loss = KD + alpha * budget loss
+    target: str = "active"  # active | params | memory: what a budget's fraction is a fraction of
+    dead_zone: float = 0.05  # no budget loss while the expected size is within +-dead_zone of the target
+    full_budget_penalty: float = 1.0  # weight of (1 - P/P_full) for the fraction-1 budget (pins it to the parent)
+    memory_seq_length: int = 8192  # target memory: KV cache and SSM state for one sequence of this length
+    memory_param_bytes: float = 2.0  # target memory: bytes per parameter (2 = bf16, 1 = FP8, ~0.56 = NVFP4)
+    memory_cache_bytes: float = 2.0  # target memory: bytes per KV-cache / SSM-state element
+    memory_dispatch_tokens: int = 0  # target memory: tokens of the MoE dispatch buffer (0 = not counted)
+    kd_temperature: float = 1.0  # KD softmax temperature (the loss is scaled by T^2)
 
 
 @dataclass

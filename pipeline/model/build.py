@@ -104,10 +104,12 @@ def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
 
 
 def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_process: bool,
-                 post_process: bool) -> HybridModel:
-    """The HybridModel for this recipe and config (no device placement; import builds it on meta)."""
+                 post_process: bool, elastic: bool = False) -> HybridModel:
+    """The HybridModel for this recipe and config (no device placement; import builds it on meta).
+    ``elastic``: the same model with nested-mask submodules (``pipeline.elastic.masks.ElasticMasks``)."""
     m, p = recipe.model, recipe.parallelism
-    spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size)
+    spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size,
+                             elastic=elastic)
     return HybridModel(
         config=config,
         hybrid_stack_spec=spec,
@@ -122,7 +124,7 @@ def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_pr
 
 
 def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
-                use_te=None) -> HybridModel:
+                use_te=None, elastic: bool = False) -> HybridModel:
     use_te = te_available() if use_te is None else use_te
     cpu = not torch.cuda.is_available()
     if pre_process is None:
@@ -130,7 +132,7 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     model = hybrid_model(recipe, transformer_config(recipe, dtype, use_cpu_init=cpu), use_te, pre_process,
-                         post_process)
+                         post_process, elastic=elastic)
     if not cpu:
         model.cuda()
     return model

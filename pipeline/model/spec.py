@@ -67,59 +67,76 @@ class HybridStack(_McoreHybridStack):
             )
 
 
-def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int, d_conv: int, chunk_size: int) -> ModuleSpec:
-    """The stack spec for layer symbols M (Mamba-2), * (attention), E (MoE), - (dense MLP)."""
-    norm = backend.layer_norm(rms_norm=True)
-    fused = backend.fuse_layernorm_and_linear()
+def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int, d_conv: int, chunk_size: int,
+                      elastic: bool = False) -> ModuleSpec:
+    """The stack spec for layer symbols M (Mamba-2), * (attention), E (MoE), - (dense MLP).
+
+    ``elastic=True``: the same modules with nested masks (pipeline/elastic/masks/modules.py): same parameters
+    and checkpoint keys, the parent's function while no mask is set. Norms are unfused there (the masked
+    norm needs the active-channel count), so with TE the pre-norms are our RMSNorm before a plain linear."""
+    E = None
+    if elastic:
+        from pipeline.elastic.masks.spec import elastic_classes  # lazy: pipeline.elastic imports pipeline.model
+
+        E = elastic_classes()
+    norm = E.norm if elastic else backend.layer_norm(rms_norm=True)
+    fused = backend.fuse_layernorm_and_linear() and not elastic
     col, row = backend.column_parallel_linear(), backend.row_parallel_linear()
+    masked_row = E.input_masked(row) if elastic else row  # attention heads / FFN channels on its input
+    bda = ModuleSpec(module=E.bda) if elastic else get_bias_dropout_add
     # With TE the pre-norms fuse into the next linear; checkpoints keep one naming via keys maps.
     in_col = backend.column_parallel_layer_norm_linear() if fused else col
 
     mamba_layer = ModuleSpec(
-        module=MambaLayer,
+        module=E.mamba_layer if elastic else MambaLayer,
         submodules=MambaLayerSubmodules(
             norm=IdentityOp if fused else norm,
             mixer=ModuleSpec(
-                module=MambaMixer,
+                module=E.mamba_mixer if elastic else MambaMixer,
                 params={"d_conv": d_conv, "chunk_size": chunk_size},
                 submodules=MambaMixerSubmodules(in_proj=in_col, out_proj=row),
             ),
-            mamba_bda=get_bias_dropout_add,
+            mamba_bda=bda,
             sharded_state_dict_keys_map={} if fused else {"norm.": "mixer.in_proj.layer_norm_"},
         ),
     )
     attention_layer = ModuleSpec(
-        module=TransformerLayer,
+        module=E.attention_layer if elastic else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused else norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=in_col, core_attention=backend.core_attention(), linear_proj=row,
+                    linear_qkv=in_col, core_attention=backend.core_attention(), linear_proj=masked_row,
                     q_layernorm=IdentityOp, k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=bda,
             sharded_state_dict_keys_map={} if fused else {
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
         ),
     )
     mlp_layer = ModuleSpec(
-        module=MLPLayer,
+        module=E.mlp_layer if elastic else MLPLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=IdentityOp if fused else norm,
-            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=in_col, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=in_col, linear_fc2=masked_row)),
+            mlp_bda=bda,
             sharded_state_dict_keys_map={} if fused else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
+    # grouped GEMM whenever TE is the backend (a property of the backend, not of the norm fusion)
+    moe = get_moe_module_spec_for_backend(backend, num_experts=num_experts,
+                                          moe_grouped_gemm=backend.fuse_layernorm_and_linear())
+    if elastic:
+        moe = E.moe(moe)
     moe_layer = ModuleSpec(
-        module=MoETransformerLayer,
+        module=E.moe_layer if elastic else MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=norm,
-            mlp=get_moe_module_spec_for_backend(backend, num_experts=num_experts, moe_grouped_gemm=fused),
-            mlp_bda=get_bias_dropout_add,
+            mlp=moe,
+            mlp_bda=bda,
         ),
     )
     return ModuleSpec(

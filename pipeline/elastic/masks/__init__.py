@@ -1,0 +1,156 @@
+"""Nested masks on one model chunk: the elastic model computes any subnet of the parent, hard or soft.
+
+``ElasticMasks(chunk, model_cfg, axes, removal_order)`` attaches to one pipeline stage's HybridModel built
+with ``build_model(..., elastic=True)`` and sets the mask attributes of its elastic submodules
+(``modules.py``); it owns no parameters. Layers are addressed by their own global ``layer_number``, so each
+pipeline stage applies exactly its layers' part of the subnet. Where each axis is masked (docs/elastic.md):
+
+- hidden: embedding output (forward hook: megatron has no seam there), every layer's output delta (its
+  residual add), the norms' statistics over the active channels (pre-norms and the final norm);
+- attention heads: per KV group prefix, on linear_proj's input; Mamba heads: per group prefix, in the
+  gated norm (input masked, statistics over the kept heads' channels);
+- FFN widths (dense, routed experts -- one prefix for all --, shared expert): fc2's input;
+- experts: excluded from top-k selection in the router, combine weight times the mask;
+- depth: skipped layers return their input; with soft choices each layer's delta is weighted instead.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from pipeline.config.schema import ElasticAxes, ModelConfig
+from pipeline.elastic.masks.modules import InputMasked, SkippableLayer
+from pipeline.elastic.router import Choice, keep_table, kind_layers, removed_layers
+from pipeline.elastic.subnet import LAYER_AXES, Subnet
+
+Plan = Dict[str, Dict[int, Optional[torch.Tensor]]]  # axis -> layer (-1: model-wide) -> unit weights
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):  # DDP / Float16Module
+        module = module.module
+    return module
+
+
+def _mask_output(module, inputs, output):
+    mask = getattr(module, "elastic_mask", None)
+    return output if mask is None else output * mask.to(output.dtype)
+
+
+class ElasticMasks:
+    def __init__(self, model_chunk: torch.nn.Module, model_cfg: ModelConfig, axes: ElasticAxes,
+                 removal_order: Sequence[int] = ()):
+        model = _unwrap(model_chunk)
+        decoder = model.decoder
+        self.m, self.axes, self.removal_order = model_cfg, axes, list(removal_order)
+        self.layers = [(layer.layer_number - 1, sym, layer)
+                       for sym, layer in zip(decoder.layer_type_list, decoder.layers)]
+        if not all(isinstance(layer, SkippableLayer) for _, _, layer in self.layers):
+            raise ValueError("ElasticMasks needs a model built with build_model(..., elastic=True)")
+        self.device = next(model.parameters()).device
+        self.embedding = model.embedding if model.pre_process else None
+        self.final_norm = decoder.final_norm if model.post_process and decoder.post_layer_norm else None
+        if self.embedding is not None:
+            self.embedding.elastic_mask = None
+            self._hook = self.embedding.register_forward_hook(_mask_output)
+
+    # ---- public API
+    def clear(self) -> None:
+        """No masks anywhere: the parent's function, through the parent's code path."""
+        self._apply({}, {}, set(), None)
+
+    def set_subnet(self, subnet: Subnet) -> None:
+        """Exact hard masks (weights 0/1) of a fixed subnet."""
+        subnet.check(self.m)
+        plan: Plan = {}
+        share: Dict[int, float] = {}
+        for axis in ("hidden",) + LAYER_AXES:
+            n, groups = self._units(axis)
+            layers = [-1] if axis == "hidden" else kind_layers(self.m, axis)
+            sizes = {layer: subnet.size(axis, layer) // groups for layer in layers}
+            plan[axis] = {layer: None if k == n else (torch.arange(n, device=self.device) < k).float()
+                          for layer, k in sizes.items()}
+            if axis == "mamba_heads":
+                share = {layer: k / n for layer, k in sizes.items()}
+        self._apply(plan, share, set(subnet.skip_layers), None)
+
+    def set_choice(self, choice: Choice) -> None:
+        """Masks of the router's choice: hard (argmax, straight-through) or soft (mixture of prefixes)."""
+        plan: Plan = {}
+        share: Dict[int, float] = {}
+        for axis, a in choice.axes.items():
+            if axis == "depth":
+                continue
+            n, groups = self._units(axis)
+            q = choice.weights(axis).to(self.device)
+            sizes = torch.tensor([k // groups for k in a.sizes], device=self.device)
+            unit = q @ (torch.arange(n, device=self.device)[None, :] < sizes[:, None]).to(q.dtype)
+            layers = [-1] if axis == "hidden" else kind_layers(self.m, axis)
+            plan[axis] = {layer: unit if unit.dim() == 1 else unit[row] for row, layer in enumerate(layers)}
+            if axis == "mamba_heads":  # the kept share of each group, on the host (the kernel's eps is a number)
+                s = (q.detach().cpu().double() @ sizes.cpu().double()) / n
+                share = {layer: float(s if s.dim() == 0 else s[row]) for row, layer in enumerate(layers)}
+        skip, layer_weights = set(), None
+        if "depth" in choice.axes:
+            a = choice.axes["depth"]
+            q = choice.weights("depth").to(self.device)
+            layer_weights = q @ keep_table(self.m.num_layers, a.sizes, self.removal_order).to(q)
+            if choice.hard:
+                kept = a.sizes[int(a.probs.detach().argmax())]
+                skip = set(removed_layers(self.m.num_layers, kept, self.removal_order))
+        self._apply(plan, share, skip, layer_weights)
+
+    # ---- internals
+    def _units(self, axis: str):
+        """(units the axis masks a prefix of, number of groups the prefix is taken in)."""
+        m = self.m
+        return {"hidden": (m.hidden_size, 1),
+                "attention_heads": (m.num_attention_heads // m.num_query_groups, m.num_query_groups),
+                "mamba_heads": (m.mamba_num_heads // m.mamba_num_groups, m.mamba_num_groups),
+                "ffn": (m.ffn_hidden_size, 1), "moe_ffn": (m.moe_ffn_hidden_size, 1),
+                "shared_expert_ffn": (m.moe_shared_expert_ffn_hidden_size, 1),
+                "experts": (m.num_experts, 1)}[axis]
+
+    def _heads(self, unit: Optional[torch.Tensor], groups: int, head_dim: int) -> Optional[torch.Tensor]:
+        """Per-group head weights -> channel weights over all heads (group-major head order)."""
+        return None if unit is None else unit.repeat(groups).repeat_interleave(head_dim)
+
+    def _apply(self, plan: Plan, share: Dict[int, float], skip: set, layer_weights) -> None:
+        m = self.m
+        get = lambda axis, layer: plan.get(axis, {}).get(layer)  # noqa: E731
+        hidden = get("hidden", -1)
+        if self.embedding is not None:
+            self.embedding.elastic_mask = hidden
+        if self.final_norm is not None:
+            self.final_norm.elastic_mask = hidden
+        for index, sym, layer in self.layers:
+            layer.elastic_skip = index in skip
+            delta = hidden
+            if layer_weights is not None:
+                delta = layer_weights[index] if hidden is None else hidden * layer_weights[index]
+            if sym == "M":
+                layer.norm.elastic_mask, layer.mamba_bda.elastic_mask = hidden, delta
+                heads = self._heads(get("mamba_heads", index), m.mamba_num_groups, m.mamba_head_dim)
+                layer.mixer.norm.set_elastic_mask(heads, share.get(index, 1.0))
+            elif sym == "*":
+                layer.input_layernorm.elastic_mask, layer.self_attn_bda.elastic_mask = hidden, delta
+                heads = self._heads(get("attention_heads", index), m.num_query_groups, m.attention_head_dim)
+                layer.self_attention.linear_proj.set_elastic_mask(heads)
+            else:
+                layer.pre_mlp_layernorm.elastic_mask, layer.mlp_bda.elastic_mask = hidden, delta
+                if sym == "-":
+                    layer.mlp.linear_fc2.set_elastic_mask(get("ffn", index))
+                else:
+                    self._apply_moe(layer.mlp, get("experts", index), get("moe_ffn", index),
+                                    get("shared_expert_ffn", index))
+
+    @staticmethod
+    def _apply_moe(moe, experts, moe_ffn, shared_ffn) -> None:
+        moe.router.elastic_mask = experts
+        for linear in moe.experts.modules():  # every local expert's fc2 (or the grouped fc2)
+            if isinstance(linear, InputMasked):
+                linear.set_elastic_mask(moe_ffn)
+        if moe.shared_experts is not None:
+            moe.shared_experts.linear_fc2.set_elastic_mask(shared_ffn)
