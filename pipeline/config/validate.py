@@ -197,6 +197,42 @@ def _validate_elastic(recipe: Recipe, fail) -> None:
     for i, b in enumerate(e.budgets):
         if not 0 < b.fraction <= 1:
             fail(f"elastic.budgets[{i}].fraction = {b.fraction} must be in (0, 1]")
+    _validate_elastic_training(recipe, fail)
+
+
+ELASTIC_TARGETS = ("active", "params", "memory")
+# key -> (lowest allowed, whether the bound itself is allowed)
+_ELASTIC_BOUNDS = {
+    "router_hidden": (1, True), "router_lr_mult": (0, False), "tau0": (0, False), "tau_decay": (0, False),
+    "logit_scale_start": (0, False), "logit_scale_end": (0, False), "budget_loss_alpha": (0, True),
+    "dead_zone": (0, True), "full_budget_penalty": (0, True), "memory_seq_length": (1, True),
+    "memory_param_bytes": (0, False), "memory_cache_bytes": (0, False), "memory_dispatch_tokens": (0, True),
+    "kd_temperature": (0, False),
+}
+
+
+def _validate_elastic_training(recipe: Recipe, fail) -> None:
+    """The router, budget-loss and KD keys; the budgets must be reachable with the axes' choices."""
+    m, e = recipe.model, recipe.elastic
+    if e.target not in ELASTIC_TARGETS:
+        fail(f"elastic.target = {e.target!r}, expected one of {', '.join(ELASTIC_TARGETS)}")
+    for key, (low, inclusive) in _ELASTIC_BOUNDS.items():
+        v = getattr(e, key)
+        if v < low or (v == low and not inclusive):
+            fail(f"elastic.{key} = {v} must be {'>=' if inclusive else '>'} {low}")
+    if e.tau_decay > 1 or e.dead_zone >= 1:
+        fail("elastic.tau_decay must be <= 1 and elastic.dead_zone < 1")
+    if len(e.axes.experts) > 1 and m.moe_aux_loss_coeff > 0:
+        fail("elastic.axes.experts needs model.moe_aux_loss_coeff = 0 (no load-balancing loss under expert masks)")
+    if not e.budgets or not any(len(getattr(e.axes, a)) > 1 for a in vars(e.axes)):
+        return
+    from pipeline.elastic.budget import smallest_fraction
+
+    smallest = smallest_fraction(m, e)
+    for i, b in enumerate(e.budgets):
+        if b.fraction * (1 + e.dead_zone) < smallest:
+            fail(f"elastic.budgets[{i}].fraction = {b.fraction} is out of reach: the smallest choice of every "
+                 f"axis gives {smallest:.3f} of the parent's {e.target} size")
 
 
 # Stage names a recipe's slurm.stages may name (the launchers' stage targets; pipeline/cli.py implements them).
