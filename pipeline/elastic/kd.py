@@ -35,13 +35,13 @@ def _sum(x: torch.Tensor, group) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(x, group=group)
 
 
-def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
-    """log_softmax over the full (sharded) vocabulary."""
+def _shift_and_lse(logits: torch.Tensor, group):
+    """(logits - max, log-sum-exp of that over the full vocabulary): log_softmax = shifted - lse."""
     top = logits.detach().max(dim=-1, keepdim=True).values  # a constant shift: exact and gradient-free
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - top
-    return shifted - torch.log(_sum(shifted.exp().sum(dim=-1, keepdim=True), group))
+    return shifted, torch.log(_sum(shifted.exp().sum(dim=-1, keepdim=True), group))
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: Optional[torch.Tensor],
@@ -50,12 +50,17 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_
 
     Softmaxes at ``temperature`` (the KL is scaled by T^2, Hinton's convention, so gradients keep their
     size); computed in fp32; no gradient into the teacher. ``group``: the vocabulary-parallel group
-    (default megatron's TP group when initialised)."""
+    (default megatron's TP group when initialised).
+
+    KL = sum_v p_t (log p_t - shifted_s) + lse_s, using sum_v p_t = 1: written so, each rank's gradient
+    (identity backward of the reductions) is the exact p_s - p_t on its shard."""
     group = _tp_group(group)
-    s = _log_softmax(student_logits.float() / temperature, group)
+    shifted, lse = _shift_and_lse(student_logits.float() / temperature, group)
     with torch.no_grad():
-        t = _log_softmax(teacher_logits.float() / temperature, group)
-    kl = _sum((t.exp() * (t - s)).sum(dim=-1), group) * temperature ** 2
+        t_shifted, t_lse = _shift_and_lse(teacher_logits.float() / temperature, group)
+        log_t = t_shifted - t_lse
+    kl = _sum((log_t.exp() * (log_t - shifted)).sum(dim=-1), group) + lse.squeeze(-1)
+    kl = kl * temperature ** 2
     return kl if loss_mask is None else kl * loss_mask.to(kl.dtype)
 
 

@@ -1,0 +1,176 @@
+"""Shared helpers of the elastic tests, and the rank-side code of tests/test_elastic_parallel.py.
+
+The parent: the tiny recipe's model (fp32, CPU) with its expert biases set to negative values, so an expert
+masked by zeroing its bias would win top-k slots (the trap ``ElasticTopKRouter`` avoids). References are
+sliced models: the parent's HF tensors through the project's slicer into a model of ``subnet.model_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from pipeline import parallel
+from pipeline.config.load import load_recipe
+from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.subnet import Subnet
+from pipeline.model.build import build_model
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny.yaml")
+SEQ, BATCH = 40, 2
+REMOVAL_ORDER = [6, 3, 1, 4]  # a depth ranking for the tests (the importance stage computes the real one)
+
+# name -> subnet fields; every axis alone, then combinations (depth with widths, everything at once)
+SUBNETS = {
+    "hidden": {"hidden": 96},
+    "attention_heads": {"attention_heads": 2},
+    "mamba_heads": {"mamba_heads": 4},
+    "moe_ffn": {"moe_ffn": 48},
+    "shared_expert_ffn": {"shared_expert_ffn": 64},
+    "experts": {"experts": 4},
+    "depth": {"skip_layers": [6, 3]},
+    "widths": {"hidden": 64, "attention_heads": 2, "mamba_heads": 4, "moe_ffn": 32, "shared_expert_ffn": 96,
+               "experts": 6},
+    "all": {"hidden": 96, "attention_heads": 2, "mamba_heads": 4, "moe_ffn": 48, "shared_expert_ffn": 64,
+            "experts": 4, "skip_layers": [6, 3, 1]},
+}
+
+
+def recipe(extra: List[str] = ()):
+    return load_recipe(TINY, [f"training.seq_length={SEQ}"] + list(extra))
+
+
+def subnet(m, name: str) -> Subnet:
+    return dataclasses.replace(Subnet.full(m), **SUBNETS[name])
+
+
+def tokens():
+    return torch.randint(0, 512, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def forward(model, toks=None):
+    toks = tokens() if toks is None else toks
+    return model(toks, torch.arange(toks.shape[1]).unsqueeze(0).expand_as(toks), None)
+
+
+def build_parent(r, elastic: bool = False):
+    """The parent (TP=1): seeded init, expert biases in [-1, -0.5) (a planted trap for expert masks)."""
+    torch.manual_seed(7)
+    model = build_model(r, elastic=elastic).eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for mod in model.modules():
+            if getattr(mod, "expert_bias", None) is not None:
+                mod.expert_bias.copy_(-0.5 - 0.5 * torch.rand(mod.expert_bias.shape, generator=gen))
+    return model
+
+
+def sliced_logits(r, parent_hf: Dict[str, torch.Tensor], sub: Subnet) -> torch.Tensor:
+    """Logits of the physically sliced model (TP=1)."""
+    from pipeline.elastic.slicing import slice_state_dict
+    from pipeline.hf.memory import load_hf_state
+
+    small = sub.model_config(r.model)
+    model = build_model(dataclasses.replace(r, model=small)).eval()
+    load_hf_state(model, small, slice_state_dict(parent_hf, r.model, sub))
+    with torch.no_grad():
+        return forward(model)
+
+
+# ---- 2 ranks: masked model sharded (TP=2 / PP=2 / EP=2) vs sliced TP=1 references
+
+
+LAYOUTS = {
+    "tp2": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
+    "pp2": ["parallelism.pp=2"],
+    "ep2": ["parallelism.ep=2"],
+}
+
+
+def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _pipeline_forward(model):
+    """Two pipeline stages by hand: stage 0 sends its hidden states to stage 1, which returns the logits."""
+    from megatron.core import parallel_state
+
+    prev, nxt = parallel_state.get_pipeline_model_parallel_prev_rank(), \
+        parallel_state.get_pipeline_model_parallel_next_rank()
+    if parallel_state.is_pipeline_first_stage():
+        hidden = forward(model)
+        dist.send(hidden.contiguous(), nxt)
+        return None
+    hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+    dist.recv(hidden, prev)
+    model.set_input_tensor(hidden)
+    return forward(model)
+
+
+def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
+    """Per layout and subnet, max |masked - sliced| of the logits (on the rank holding full logits)."""
+    from pipeline.hf.memory import hf_state_from_model
+    from pipeline.training import checkpoint
+
+    r = recipe([f"run.root={root}"])
+    parallel.initialize(r)  # TP = PP = 1, DP = 2: both ranks build the same parent
+    parent = build_parent(r, elastic=True)
+    hf = hf_state_from_model(parent, r.model)
+    refs = {name: sliced_logits(r, hf, subnet(r.model, name)) for name in SUBNETS}
+    with torch.no_grad():
+        refs["parent"] = forward(parent)
+    ckpt = os.path.join(root, "parent")
+    checkpoint.save(ckpt, 0, [parent])
+    # guards the comparison against 0 == 0: every subnet changes the logits
+    out = {"subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS)}
+    for layout in layouts:
+        rl = recipe([f"run.root={root}"] + LAYOUTS[layout])
+        parallel.initialize(rl)
+        model = build_model(rl, elastic=True).eval()
+        checkpoint.load(checkpoint.resolve(ckpt), [model], load_rng=False)
+        masks = ElasticMasks(model, rl.model, rl.elastic.axes, REMOVAL_ORDER)
+        run = _pipeline_forward if layout == "pp2" else forward
+        diffs = {}
+        for name in ["parent"] + list(SUBNETS):
+            masks.clear() if name == "parent" else masks.set_subnet(subnet(rl.model, name))
+            with torch.no_grad():
+                logits = run(model)
+            if logits is not None:
+                diffs[name] = float((_gather_vocab(logits) - refs[name]).abs().max())
+        out[layout] = diffs
+    parallel.shutdown()
+    return out
+
+
+def kd_tp2() -> Dict:
+    """forward_kl at TP=2 on vocabulary shards: values and the student's gradient shard."""
+    from megatron.core import parallel_state
+
+    from pipeline.elastic.kd import forward_kl
+
+    parallel.initialize(recipe(["parallelism.tp=2"]))
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = 3 * torch.randn(2, 6, 64, generator=gen), 3 * torch.randn(2, 6, 64, generator=gen)
+    mask = (torch.rand(2, 6, generator=gen) > 0.3).float()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = slice(32 * rank, 32 * (rank + 1))
+    s = student[..., shard].clone().requires_grad_(True)
+    out = {}
+    for temperature in (1.0, 2.0):
+        s.grad = None
+        kl = forward_kl(s, teacher[..., shard], mask, temperature)
+        kl.sum().backward()
+        out[temperature] = {"kl": kl.detach(), "grad": s.grad.clone()}
+    parallel.shutdown()
+    return {"rank": rank, "student": student, "teacher": teacher, "mask": mask, "out": out}
