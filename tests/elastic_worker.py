@@ -32,11 +32,11 @@ SUBNETS = {
     "moe_ffn": {"moe_ffn": 48},
     "shared_expert_ffn": {"shared_expert_ffn": 64},
     "experts": {"experts": 4},
-    "depth": {"skip_layers": [6, 3]},
+    "depth": {"skip_layers": [3, 6]},
     "widths": {"hidden": 64, "attention_heads": 2, "mamba_heads": 4, "moe_ffn": 32, "shared_expert_ffn": 96,
                "experts": 6},
     "all": {"hidden": 96, "attention_heads": 2, "mamba_heads": 4, "moe_ffn": 48, "shared_expert_ffn": 64,
-            "experts": 4, "skip_layers": [6, 3, 1]},
+            "experts": 4, "skip_layers": [1, 3, 6]},
 }
 
 
