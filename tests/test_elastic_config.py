@@ -29,7 +29,6 @@ def test_elastic_section_states_and_comments_every_key(path):
             assert "#" in line, f"{path}:{n} has no comment: {line}"
 
 
-
 BAD = {
     "target": ("elastic.target=latency", "elastic.target = 'latency', expected one of active, params, memory"),
     "tau decay": ("elastic.tau_decay=1.5", "elastic.tau_decay must be <= 1"),
