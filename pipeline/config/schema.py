@@ -233,14 +233,21 @@ class TrainStageConfig:
 
 @dataclass
 class ImportanceConfig:
-    """The importance stage: score every elastic axis on calibration data, permute the parent."""
+    """The importance stage: score every elastic axis on calibration data, permute the parent (docs/importance.md).
+
+    Calibration samples are split over data-parallel ranks: ``samples`` must be a multiple of
+    micro_batch_size x DP size (as must ``depth_samples``)."""
 
     init_from: str = "pretrain"  # the parent: a stage name (its latest checkpoint) or a checkpoint path
     data: str = "blend"  # blend (the data stage's calibration subset) | synthetic
     samples: int = 0  # calibration sequences; 0 = data.calibration_samples
     seq_length: int = 0  # tokens per sequence; 0 = data.calibration_seq_length
-    micro_batch_size: int = 1
-    depth: bool = False  # also rank layers by iterative normalised-MSE removal (one pass per removed layer)
+    micro_batch_size: int = 1  # sequences per forward, per DP rank
+    precision: str = "auto"  # auto (the parent checkpoint's stored dtype) | bf16 | fp32; also the saved dtype
+    depth: bool = False  # also rank layers by iterative normalised-MSE removal (a forward per candidate layer)
+    # sequences (the first of the calibration set) re-run for every depth candidate; 0 = all samples.
+    # Removal rounds: num_layers - min(elastic.axes.depth), or num_layers - 1 when that axis is empty.
+    depth_samples: int = 8
 
 
 @dataclass

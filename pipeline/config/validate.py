@@ -100,6 +100,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     _validate_data(recipe, fail)
 
     _validate_elastic(recipe, fail)
+    _validate_importance(recipe, fail)
     _validate_slurm(recipe, fail)
 
 
@@ -233,6 +234,34 @@ def _validate_elastic_training(recipe: Recipe, fail) -> None:
         if b.fraction * (1 + e.dead_zone) < smallest:
             fail(f"elastic.budgets[{i}].fraction = {b.fraction} is out of reach: the smallest choice of every "
                  f"axis gives {smallest:.3f} of the parent's {e.target} size")
+
+
+IMPORTANCE_CHOICES = {"data": ("blend", "synthetic"), "precision": ("auto", "bf16", "fp32")}
+
+
+def _validate_importance(recipe: Recipe, fail) -> None:
+    imp, m, p = recipe.importance, recipe.model, recipe.parallelism
+    if not imp.init_from:
+        fail("importance.init_from is empty: name the parent's stage (e.g. pretrain, import) or a checkpoint path")
+    for key, allowed in IMPORTANCE_CHOICES.items():
+        if getattr(imp, key) not in allowed:
+            fail(f"importance.{key} = {getattr(imp, key)!r}, expected one of {', '.join(allowed)}")
+    for key in ("samples", "seq_length", "depth_samples"):
+        if getattr(imp, key) < 0:
+            fail(f"importance.{key} must be >= 0 (0 = the default)")
+    if imp.micro_batch_size < 1:
+        fail("importance.micro_batch_size must be >= 1")
+    samples = imp.samples or recipe.data.calibration_samples
+    seq = imp.seq_length or recipe.data.calibration_seq_length
+    if samples % imp.micro_batch_size:
+        fail(f"importance.samples = {samples} is not a multiple of importance.micro_batch_size = "
+             f"{imp.micro_batch_size}")
+    if seq > m.max_sequence_length:
+        fail(f"importance.seq_length = {seq} exceeds model.max_sequence_length = {m.max_sequence_length}")
+    if p.tp > 1 and p.sequence_parallel and seq % p.tp:
+        fail(f"importance.seq_length = {seq} must be a multiple of parallelism.tp = {p.tp} (sequence parallel)")
+    if imp.depth and imp.depth_samples > samples:
+        fail(f"importance.depth_samples = {imp.depth_samples} exceeds the {samples} calibration samples")
 
 
 # Stage names a recipe's slurm.stages may name (the launchers' stage targets; pipeline/cli.py implements them).
