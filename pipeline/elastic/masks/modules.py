@@ -13,6 +13,7 @@ import math
 
 import torch
 
+import pipeline.model  # noqa: F401  first: registers the mamba-ssm stub before megatron's Mamba mixer imports it
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.ssm.mamba_mixer import MambaMixer
