@@ -81,6 +81,9 @@ class ElasticMasks:
         plan: Plan = {}
         share: Dict[int, float] = {}
         for axis, a in choice.axes.items():
+            if list(a.sizes) != list(getattr(self.axes, axis)):
+                raise ValueError(f"choice sizes {a.sizes} for {axis} are not elastic.axes.{axis} = "
+                                 f"{getattr(self.axes, axis)}")
             if axis == "depth":
                 continue
             n, groups = self._units(axis)
