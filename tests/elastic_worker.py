@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pipeline import parallel
 from pipeline.config.load import load_recipe
 from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.router import ElasticRouter
 from pipeline.elastic.subnet import Subnet
 from pipeline.model.build import build_model
 
@@ -118,12 +119,51 @@ def _pipeline_forward(model):
     return forward(model)
 
 
+def _router_grad(model, masks, r, teacher: torch.Tensor, layout: str) -> torch.Tensor:
+    """The router's gradient (flattened) from one KD step through a hard choice's masks, summed over the
+    ranks that each compute a part of the model (TP shards, PP stages) as the elastic stages reduce it."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.elastic.kd import forward_kl
+
+    torch.manual_seed(0)  # the same router on every rank
+    router = ElasticRouter(r.elastic, r.model)
+    masks.set_choice(router(1, 1.0, 1.0, hard=True, generator=torch.Generator().manual_seed(4)))
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    vocab = teacher.shape[-1] // tp
+    kd = lambda logits: forward_kl(logits, teacher[..., tp_rank * vocab:(tp_rank + 1) * vocab], None).mean()  # noqa
+    if layout != "pp2":
+        kd(forward(model)).backward()
+    elif ps.is_pipeline_first_stage():
+        hidden = forward(model)
+        dist.send(hidden.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
+        grad = torch.empty_like(hidden)
+        dist.recv(grad, ps.get_pipeline_model_parallel_next_rank())
+        hidden.backward(grad)
+    else:
+        hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+        dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden.requires_grad_(True))
+        kd(forward(model)).backward()
+        dist.send(hidden.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
+    grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in router.parameters()])
+    if layout in ("tp2", "pp2"):
+        dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group() if layout == "tp2"
+                        else ps.get_pipeline_model_parallel_group())
+    if layout == "ep2":  # an expert's FFN mask acts on the expert's rank, for every rank's tokens: DDP's mean
+        dist.all_reduce(grad, group=ps.get_expert_model_parallel_group())
+        grad /= dist.get_world_size(ps.get_expert_model_parallel_group())
+    masks.clear()
+    return grad
+
+
 def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
     """Per layout and subnet, max |masked - sliced| of the logits (on the rank holding full logits)."""
     from pipeline.hf.memory import hf_state_from_model
     from pipeline.training import checkpoint
 
-    r = recipe([f"run.root={root}"])
+    base = [f"run.root={root}", "elastic.axes.depth=[8, 5]"]
+    r = recipe(base)
     parallel.initialize(r)  # TP = PP = 1, DP = 2: both ranks build the same parent
     parent = build_parent(r, elastic=True)
     hf = hf_state_from_model(parent, r.model)
@@ -132,10 +172,13 @@ def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
         refs["parent"] = forward(parent)
     ckpt = os.path.join(root, "parent")
     checkpoint.save(ckpt, 0, [parent])
-    # guards the comparison against 0 == 0: every subnet changes the logits
-    out = {"subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS)}
+    ref_grad = _router_grad(parent, ElasticMasks(parent, r.model, r.elastic.axes, REMOVAL_ORDER), r,
+                            refs["parent"], "tp1")
+    # guards the comparisons against 0 == 0: every subnet changes the logits, the router gets a gradient
+    out = {"subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS),
+           "router_grad_norm": float(ref_grad.norm()), "router_grad_diff": {}}
     for layout in layouts:
-        rl = recipe([f"run.root={root}"] + LAYOUTS[layout])
+        rl = recipe(base + LAYOUTS[layout])
         parallel.initialize(rl)
         model = build_model(rl, elastic=True).eval()
         checkpoint.load(checkpoint.resolve(ckpt), [model], load_rng=False)
@@ -149,6 +192,8 @@ def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
             if logits is not None:
                 diffs[name] = float((_gather_vocab(logits) - refs[name]).abs().max())
         out[layout] = diffs
+        grad = _router_grad(model, masks, rl, refs["parent"], layout)
+        out["router_grad_diff"][layout] = float((grad - ref_grad).norm() / ref_grad.norm())
     parallel.shutdown()
     return out
 

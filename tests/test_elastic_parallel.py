@@ -4,7 +4,8 @@ Masked == sliced when the masked model is sharded: the parent is saved at TP=1 a
 dist_checkpointing) at TP=2 with sequence parallelism (heads, Mamba groups, FFN and expert-FFN channels
 sharded: each rank masks its own shard), at PP=2 (each stage masks and skips its own layers by their global
 layer number) and at EP=2 (each rank holds half the experts; the router is replicated). Every subnet's
-logits are compared with the physically sliced model's at TP=1. KD: the vocabulary-parallel KL at TP=2
+logits are compared with the physically sliced model's at TP=1; so is the router's gradient through a hard
+choice's masks, summed over TP ranks / PP stages. KD: the vocabulary-parallel KL at TP=2
 equals a plain full-vocabulary KL (values and the student's gradient).
 """
 
@@ -37,6 +38,19 @@ def test_masked_sharded_model_equals_sliced_reference(masked, layout):
         assert set(diffs) == {"parent"} | set(SUBNETS)
         bad = {name: d for name, d in diffs.items() if not d <= TOL}
         assert not bad, f"{layout}: masked != sliced for {bad}"
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2"])
+def test_router_gradient_summed_over_model_parallel_ranks_equals_single_rank(masked, layout):
+    """A hard choice's KD gradient reaching the router: each TP rank / PP stage contributes its shard's or its
+    layers' part (sequence parallel: its sequence shard); their sum is the single-rank gradient. Under EP an
+    expert's FFN mask acts on the expert's rank for every rank's tokens, so per-rank gradients differ and their
+    mean over the (data-parallel) EP group -- DDP's reduction -- is the single-rank gradient."""
+    assert masked[0]["router_grad_norm"] > 1e-4
+    for r in masked:
+        diff = r["router_grad_diff"][layout]
+        print(f"{layout}: router gradient relative difference {diff:.1e}")
+        assert diff <= 1e-4, f"{layout}: router gradient off by {diff:.1e} (relative)"
 
 
 def test_vocab_parallel_kd_equals_full_vocab_kl(tmp_path):
