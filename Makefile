@@ -49,6 +49,7 @@ params:
 demo: .venv/.installed  ## the pipeline so far on the tiny recipe, on CPU: demo data -> pretrain on it -> HF export
 	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline importance --recipe $(RECIPE) importance.data=blend $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --checkpoint pretrain --out runs/tiny/hf --overwrite $(ARGS)
 
 .PHONY: slice

@@ -85,7 +85,7 @@ def removal_order(model: torch.nn.Module, num_layers: int, rounds: int, run_pass
         remaining.remove(best)
         history.append({"removed": best, "nmse": {str(j): v for j, v in scores.items()}})
         log(f"depth round {r + 1}: removed layer {best} (nMSE {scores[best]:.3e}); "
-            f"{len(remaining)} layers left")
+            f"{len(remaining)} left")
     last = history[-1]["nmse"]
     order = removed + sorted(remaining, key=lambda j: (last[str(j)], j))
     return {"removal_order": order, "rounds": history, "passes": passes,

@@ -28,39 +28,14 @@ from pipeline.elastic.importance.collect import Collector
 from pipeline.elastic.importance.forward import chunks, forward_only
 from pipeline.elastic.importance.layers import scoring_model
 from pipeline.elastic.importance.orders import orders_from_scores
+from pipeline.elastic.importance.plan import STAGE, calibration_plan, depth_rounds, resolve_parent
 from pipeline.elastic.importance.report import write_report
 from pipeline.elastic.permute import permute_model
 from pipeline.errors import UserError
 from pipeline.training import checkpoint
 from pipeline.training.loop import stage_dir
 
-STAGE = "importance"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def calibration_plan(recipe: Recipe) -> Dict[str, int]:
-    imp, d = recipe.importance, recipe.data
-    samples = imp.samples or d.calibration_samples
-    if samples < 1:
-        raise UserError("importance.samples and data.calibration_samples are both 0: no calibration data")
-    return {"samples": samples, "seq_length": imp.seq_length or d.calibration_seq_length,
-            "micro_batch_size": imp.micro_batch_size,
-            "depth_samples": (imp.depth_samples or samples) if imp.depth else 0}
-
-
-def resolve_parent(recipe: Recipe) -> str:
-    """``importance.init_from``: a checkpoint path or a stage name (its latest checkpoint)."""
-    src = recipe.importance.init_from
-    where = src if os.path.exists(src) else os.path.join(stage_dir(recipe, src), "checkpoints")
-    if not os.path.exists(where):
-        raise UserError(f"importance.init_from = {src!r}: neither a path nor a finished stage ({where} missing)")
-    try:
-        path = checkpoint.resolve(where)
-    except UserError as e:
-        raise UserError(f"importance.init_from = {src!r}: {e}") from None
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise UserError(f"importance.init_from = {src!r}: {path} is not a megatron dist checkpoint")
-    return path
 
 
 def model_dtype(recipe: Recipe, parent: str) -> torch.dtype:
@@ -108,11 +83,6 @@ def score(model, recipe: Recipe, batches: Iterator, num_micro: int, plan: Dict[s
     cost = {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
             "tokens_per_s_per_rank": round(tokens / seconds / dist.get_world_size(), 1)}
     return scores, cost
-
-
-def depth_rounds(recipe: Recipe) -> int:
-    kept = recipe.elastic.axes.depth
-    return recipe.model.num_layers - (min(kept) if kept else 1)
 
 
 def run(recipe: Recipe, log: Callable[[str], None] = print) -> Dict:
