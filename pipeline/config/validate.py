@@ -253,14 +253,14 @@ def _validate_importance(recipe: Recipe, fail) -> None:
         fail("importance.micro_batch_size must be >= 1")
     samples = imp.samples or recipe.data.calibration_samples
     seq = imp.seq_length or recipe.data.calibration_seq_length
-    if samples % imp.micro_batch_size:
-        fail(f"importance.samples = {samples} is not a multiple of importance.micro_batch_size = "
-             f"{imp.micro_batch_size}")
+    micro = min(imp.micro_batch_size, samples) if samples else imp.micro_batch_size  # as calibration_plan
+    if samples % micro:
+        fail(f"importance.samples = {samples} is not a multiple of importance.micro_batch_size = {micro}")
     if seq > m.max_sequence_length:
         fail(f"importance.seq_length = {seq} exceeds model.max_sequence_length = {m.max_sequence_length}")
     if p.tp > 1 and p.sequence_parallel and seq % p.tp:
         fail(f"importance.seq_length = {seq} must be a multiple of parallelism.tp = {p.tp} (sequence parallel)")
-    if imp.depth and imp.depth_samples > samples:
+    if imp.depth and imp.samples and imp.depth_samples > samples:  # an explicit contradiction; else clamped
         fail(f"importance.depth_samples = {imp.depth_samples} exceeds the {samples} calibration samples")
 
 

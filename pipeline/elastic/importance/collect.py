@@ -41,18 +41,18 @@ class Scores:
 
 def _norm_hook(stat: Stat):
     def hook(module, inputs, output):
-        y = output.detach().float()
+        y = output.detach()
         y = y.reshape(-1, y.shape[-1])
-        stat.add(y.abs().sum(0), y.shape[0])
+        stat.add(y.abs().sum(0, dtype=torch.float32), y.shape[0])
 
     return hook
 
 
 def _head_input_hook(stat: Stat, heads: int):
     def hook(module, inputs):
-        o = inputs[0].detach().float()
+        o = inputs[0].detach()
         o = o.reshape(-1, heads, o.shape[-1] // heads)
-        stat.add(o.norm(dim=-1).sum(0), o.shape[0])
+        stat.add(torch.linalg.vector_norm(o, dim=-1, dtype=torch.float32).sum(0), o.shape[0])
 
     return hook
 
@@ -61,19 +61,19 @@ def _mamba_hook(heads: Stat, channels: Stat, mixer):
     d, p = mixer.d_inner_local_tp, mixer.headdim
 
     def hook(module, inputs, output):
-        x = output[0].detach()[..., d:2 * d].float()  # in_proj rows: [z, x, B, C, dt]
+        x = output[0].detach()[..., d:2 * d]  # in_proj rows: [z, x, B, C, dt]
         x = x.reshape(-1, d // p, p)
-        heads.add(x.norm(dim=-1).sum(0), x.shape[0])
-        channels.add(x.abs().sum(0), x.shape[0])
+        heads.add(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).sum(0), x.shape[0])
+        channels.add(x.abs().sum(0, dtype=torch.float32), x.shape[0])
 
     return hook
 
 
 def _fc1_hook(stat: Stat, activation):
     def hook(module, inputs, output):
-        act = activation(output[0].detach().float())
+        act = activation(output[0].detach())
         act = act.reshape(-1, act.shape[-1])
-        stat.add(act.abs().sum(0), act.shape[0])
+        stat.add(act.abs().sum(0, dtype=torch.float32), act.shape[0])
 
     return hook
 

@@ -23,8 +23,8 @@ def calibration_plan(recipe: Recipe) -> Dict[str, int]:
     if samples < 1:
         raise UserError("importance.samples and data.calibration_samples are both 0: no calibration data")
     return {"samples": samples, "seq_length": imp.seq_length or d.calibration_seq_length,
-            "micro_batch_size": imp.micro_batch_size,
-            "depth_samples": (imp.depth_samples or samples) if imp.depth else 0}
+            "micro_batch_size": min(imp.micro_batch_size, samples),  # a tiny calibration set: one batch
+            "depth_samples": min(imp.depth_samples or samples, samples) if imp.depth else 0}
 
 
 def resolve_parent(recipe: Recipe) -> str:

@@ -23,9 +23,10 @@ from pipeline.elastic.importance.stats import EXPERT, Stat
 
 
 def expert_stats(moe_layer: torch.nn.Module, handles: List) -> Dict[str, Stat]:
-    """Register hooks on ``moe_layer``'s local experts; returns the statistics they fill:
-    ``reap`` (g * ||f|| per expert), ``gate`` (g per expert), ``moe_ffn`` (|act(fc1)| per expert and channel).
-    All three count the tokens routed to each expert."""
+    """Register hooks on ``moe_layer``'s experts; returns the statistics they fill: ``reap`` (g * ||f|| per
+    expert), ``gate`` (g per expert), ``moe_ffn`` (|act(fc1)| per expert and channel). All three count the
+    tokens routed to each expert. REAP needs one hook per layer (the sequential experts module sees every
+    routed token, grouped by expert); the FFN channels one per expert (fc1's output lives only there)."""
     config = moe_layer.config
     if config.moe_apply_probs_on_input:
         raise ValueError("REAP needs the expert output times its gate; moe_apply_probs_on_input scales the "
@@ -34,39 +35,44 @@ def expert_stats(moe_layer: torch.nn.Module, handles: List) -> Dict[str, Stat]:
         raise ValueError("FFN channel scores assume non-gated experts (Nemotron-H squared ReLU)")
     local = list(moe_layer.experts.local_experts)
     device = local[0].linear_fc1.weight.device
-    ffn_local = local[0].linear_fc1.weight.shape[0]
     n = len(local)
     stats = {
         "reap": Stat(EXPERT, (n,), device, count_shape=(n,)),
         "gate": Stat(EXPERT, (n,), device, count_shape=(n,)),
-        "moe_ffn": Stat(EXPERT, (n, ffn_local), device, count_shape=(n,), channel_dim=1),
+        "moe_ffn": Stat(EXPERT, (n, local[0].linear_fc1.weight.shape[0]), device, count_shape=(n,), channel_dim=1),
     }
     etp = ps.get_expert_tensor_parallel_group()
-    etp_size = dist.get_world_size(etp)
+    handles.append(moe_layer.experts.register_forward_hook(
+        _reap_hook(stats, n, etp if dist.get_world_size(etp) > 1 else None)))
     for i, expert in enumerate(local):
-        handles.append(expert.register_forward_hook(_reap_hook(stats, i, etp if etp_size > 1 else None)))
         handles.append(expert.linear_fc1.register_forward_hook(_channel_hook(stats["moe_ffn"], i,
                                                                              expert.activation_func)))
     return stats
 
 
-def _reap_hook(stats: Dict[str, Stat], i: int, etp_group):
+def _reap_hook(stats: Dict[str, Stat], n: int, etp_group):
     def hook(module, inputs, output):
-        weighted = output[0].detach().float()  # g_j(x) * f_j(x), one row per routed token
+        # inputs: (tokens grouped by local expert, tokens per local expert, their combine weights g_j(x));
+        # output[0]: g_j(x) * f_j(x) for every row
+        tokens_per_expert, gate = inputs[1], inputs[2].detach()
+        weighted = output[0].detach()
         if etp_group is not None:
             weighted = weighted.clone()
             dist.all_reduce(weighted, group=etp_group)
-        gate = inputs[1].detach().float()  # the combine weight megatron applied (per_token_scale)
-        rows = weighted.shape[0]
-        stats["reap"].add(weighted.norm(dim=-1).sum(), rows, index=i)
-        stats["gate"].add(gate.sum(), rows, index=i)
+        counts = torch.as_tensor(tokens_per_expert, device=weighted.device)
+        expert_of_row = torch.repeat_interleave(torch.arange(n, device=weighted.device), counts,
+                                                output_size=weighted.shape[0])
+        norms = torch.linalg.vector_norm(weighted, dim=-1, dtype=torch.float32)
+        stats["reap"].add_segments(norms, expert_of_row, counts)
+        stats["gate"].add_segments(gate.float(), expert_of_row, counts)
+        stats["moe_ffn"].tokens += counts  # the channel hooks below only add sums (one kernel per expert)
 
     return hook
 
 
 def _channel_hook(stat: Stat, i: int, activation):
     def hook(module, inputs, output):
-        act = activation(output[0].detach().float())
-        stat.add(act.abs().sum(0), act.shape[0], index=i)
+        act = activation(output[0].detach())
+        stat.total[i].add_(act.abs().sum(0, dtype=torch.float32))
 
     return hook

@@ -52,19 +52,27 @@ class Stat:
                  gather_dim: int = 0, channel_dim: Optional[int] = None):
         self.scope, self.gather_dim, self.channel_dim = scope, gather_dim, channel_dim
         self.total = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(count_shape, dtype=torch.float64, device=device)
+        # one count for all units stays on the host (no kernel per hook call); per-unit counts on the device
+        self.tokens = torch.zeros(count_shape, dtype=torch.float64, device=device) if count_shape else 0.0
 
     def add(self, values: torch.Tensor, tokens, index=None) -> None:
+        """Sums of one batch (any float dtype: accumulated in float64) and the tokens they cover."""
         if index is None:
-            self.total += values.detach().double()
+            self.total.add_(values)
             self.tokens += tokens
         else:
-            self.total[index] += values.detach().double()
+            self.total[index].add_(values)
             self.tokens[index] += tokens
+
+    def add_segments(self, values: torch.Tensor, segment: torch.Tensor, counts: torch.Tensor) -> None:
+        """Per-row ``values`` summed into unit ``segment[row]``; ``counts`` rows per unit."""
+        self.total.index_add_(0, segment, values.double())
+        self.tokens += counts
 
     def finish(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean over tokens, tokens): reduced, then gathered to the global unit shape (on every rank)."""
-        packed = torch.cat([self.total.flatten(), self.tokens.flatten()])
+        tokens = torch.as_tensor(self.tokens, dtype=torch.float64, device=self.total.device)
+        packed = torch.cat([self.total.flatten(), tokens.flatten()])
         if self.scope == RESIDUAL:
             groups = [ps.get_data_parallel_group(with_context_parallel=True), ps.get_tensor_model_parallel_group()]
         elif self.scope == TP_SHARDED:
@@ -73,7 +81,7 @@ class Stat:
             groups = [ps.get_expert_data_parallel_group()]
         all_sum(packed, groups)
         total = packed[:self.total.numel()].view_as(self.total)
-        tokens = packed[self.total.numel():].view_as(self.tokens)
+        tokens = packed[self.total.numel():].view_as(tokens)
         mean = total / tokens.clamp(min=1).reshape(tokens.shape + (1,) * (total.dim() - tokens.dim()))
         if self.scope == TP_SHARDED:
             mean = gather(mean, self.gather_dim, ps.get_tensor_model_parallel_group())
