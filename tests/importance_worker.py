@@ -36,6 +36,9 @@ LAYOUTS = {
     "ep2": ["parallelism.ep=2"],
     "pp2": ["parallelism.pp=2"],
     "dp2": [],
+    # 4 ranks: dense part TP=2 (SP), experts EP=2 x expert-TP=2 (megatron's default ETP = TP), DP=2
+    "tp2ep2": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.ep=2",
+               "parallelism.moe_token_dispatcher=allgather"],
 }
 NO_ELASTIC = [f"elastic.axes.{a}=[]" for a in ("hidden", "attention_heads", "mamba_heads", "moe_ffn",
                                                  "shared_expert_ffn", "experts")]
