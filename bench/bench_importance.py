@@ -9,6 +9,7 @@ forward pass and an importance pass (every hook of ``pipeline.elastic.importance
 the DP/TP/EP reduction) over the same micro-batches, ``--repeats`` times each after one warm-up of each, and
 prints the median seconds of both and their ratio. Both run through the same forward-only megatron schedule.
 The depth ranking (optional) is not included: it costs plain forwards (its pass count is in importance.json).
+The recipe's elastic axes are cleared (the bench does not use them), so model sizes can be overridden freely.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from pipeline import parallel  # noqa: E402
 from pipeline.config.load import load_recipe  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +47,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, list(args.overrides) + [
+    no_axes = [f"elastic.axes.{a}=[]" for a in ("hidden", "attention_heads", "mamba_heads", "ffn", "moe_ffn",
+                                                 "shared_expert_ffn", "experts", "depth")]
+    recipe = load_recipe(args.recipe, no_axes + list(args.overrides) + [
         "importance.data=synthetic", f"importance.samples={args.samples}", f"importance.seq_length={args.seq_length}",
         f"importance.micro_batch_size={args.micro_batch_size}", "importance.depth=false"])
 
@@ -103,4 +107,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad override or flag: one line, as the CLI
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
