@@ -11,8 +11,8 @@ NEMO_EXECUTOR ?= slurm
 
 # Stage targets: `make stage1 RECIPE=... LAUNCHER=slurm ARGS="key=value ..."`. A stage that pipeline/cli.py does
 # not have yet fails with the CLI's own error. On SLURM and nemo-run, `all` submits one afterok chain.
-STAGES   := data import importance pretrain stage1 stage2 qad export
-PIPELINE := data import importance stage1 stage2 qad export
+STAGES   := data import importance pretrain stage1 stage2 evaluate qad export
+PIPELINE := data import importance stage1 stage2 evaluate qad export
 
 ifeq ($(filter $(LAUNCHER),local slurm nemo),)
 $(error LAUNCHER=$(LAUNCHER): use local, slurm or nemo)
@@ -46,11 +46,15 @@ test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 params:
 	$(PY) -m pipeline params --recipe $(RECIPE) $(ARGS)
 
-demo: .venv/.installed  ## the pipeline so far on the tiny recipe, on CPU: demo data -> pretrain on it -> HF export
+demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -> pretrain -> importance -> stage1 -> stage2 -> evaluate -> export -> slice
 	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline importance --recipe $(RECIPE) importance.data=blend $(ARGS)
-	$(PY) -m pipeline export --recipe $(RECIPE) --checkpoint pretrain --out runs/tiny/hf --overwrite $(ARGS)
+	$(PY) -m pipeline stage1 --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline stage2 --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline evaluate --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline export --recipe $(RECIPE) --overwrite $(ARGS)
+	$(PY) -m pipeline slice --recipe $(RECIPE) --budget small --out runs/tiny/small --overwrite $(ARGS)
 
 .PHONY: slice
 BUDGET ?=

@@ -24,6 +24,7 @@ STAGES = {
     "importance": ("importance", "score every elastic axis on calibration data and permute the parent"),
     "stage1": ("stage1", "elastic training, stage 1: router + nested masks + KD, budgets sampled uniformly"),
     "stage2": ("stage2", "elastic training, stage 2: long context, weighted budget sampling"),
+    "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
 }

@@ -30,8 +30,8 @@ def start(root):
                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_checkpoint(root, iteration, proc, timeout=300):
-    marker = os.path.join(root, "tiny", "pretrain", "checkpoints", "latest_checkpointed_iteration.txt")
+def wait_for_checkpoint(root, iteration, proc, timeout=300, stage="pretrain"):
+    marker = os.path.join(root, "tiny", stage, "checkpoints", "latest_checkpointed_iteration.txt")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.isfile(marker) and int(open(marker).read()) >= iteration:

@@ -255,6 +255,8 @@ class ElasticStageConfig(TrainStageConfig):
     """An elastic training stage (stage1, stage2): ``training`` overrides plus how budgets are sampled."""
 
     budget_weights: List[float] = field(default_factory=list)  # sampling probability per elastic budget; [] = uniform
+    teacher: str = "importance"  # the frozen KD teacher: a stage name (its latest checkpoint) or a checkpoint path
+    masks: str = "hard"  # hard (argmax choice, straight-through max(p)) | soft (Gumbel-softmax mixture of prefixes)
 
 
 @dataclass

@@ -199,6 +199,37 @@ def _validate_elastic(recipe: Recipe, fail) -> None:
         if not 0 < b.fraction <= 1:
             fail(f"elastic.budgets[{i}].fraction = {b.fraction} must be in (0, 1]")
     _validate_elastic_training(recipe, fail)
+    for stage in ELASTIC_STAGES:
+        st = getattr(recipe, stage)
+        if st.masks not in MASK_MODES:
+            fail(f"{stage}.masks = {st.masks!r}, expected one of {', '.join(MASK_MODES)}")
+        if not st.teacher:
+            fail(f"{stage}.teacher is empty: name the teacher's stage (importance) or a checkpoint path")
+        w = st.budget_weights
+        if w and (len(w) != len(e.budgets) or min(w) < 0 or sum(w) <= 0):
+            fail(f"{stage}.budget_weights = {w} needs one non-negative weight per elastic budget "
+                 f"({len(e.budgets)}) with a positive sum ([] = uniform)")
+
+
+ELASTIC_STAGES = ("stage1", "stage2")
+MASK_MODES = ("hard", "soft")
+
+
+def check_elastic_run(recipe: Recipe, stage: str) -> None:
+    """What an elastic training stage needs beyond a valid recipe (run before megatron is imported)."""
+    e, p = recipe.elastic, recipe.parallelism
+    where = f"{stage}:"
+    if not e.budgets or not any(len(getattr(e.axes, a)) > 1 for a in vars(e.axes)):
+        raise UserError(f"{where} elastic.budgets and at least one elastic.axes entry with > 1 choice are needed")
+    if p.tp > 1 and not p.sequence_parallel:
+        # the router's gradient is summed over TP ranks: each must hold a distinct part of the residual stream
+        raise UserError(f"{where} parallelism.tp = {p.tp} needs parallelism.sequence_parallel = true")
+    if p.pp > 1 and p.recompute != "none":
+        # recomputation under 1F1B would re-run a micro-batch under a later micro-batch's masks
+        raise UserError(f"{where} parallelism.recompute = {p.recompute!r} with pp = {p.pp}: use recompute: none")
+    if p.cp > 1 and len(e.axes.mamba_heads) > 1:
+        raise UserError(f"{where} parallelism.cp = {p.cp} with elastic Mamba heads: megatron's Mamba context "
+                        f"parallelism re-shards heads across CP ranks; use cp = 1 or a fixed Mamba width")
 
 
 ELASTIC_TARGETS = ("active", "params", "memory")
@@ -265,7 +296,7 @@ def _validate_importance(recipe: Recipe, fail) -> None:
 
 
 # Stage names a recipe's slurm.stages may name (the launchers' stage targets; pipeline/cli.py implements them).
-SLURM_STAGE_NAMES = ("data", "import", "importance", "pretrain", "stage1", "stage2", "qad", "export")
+SLURM_STAGE_NAMES = ("data", "import", "importance", "pretrain", "stage1", "stage2", "evaluate", "qad", "export")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # [D-]HH[:MM[:SS]] or minutes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.config.schema import ElasticConfig, ModelConfig
 from pipeline.elastic.subnet import AXES, LAYER_AXES, Subnet
@@ -169,11 +170,11 @@ class ElasticRouter(nn.Module):
             x[budget] = 1.0
         else:
             x = budget
-        x = x.to(device=first.device, dtype=first.dtype)
+        x = x.to(device=first.device, dtype=torch.float32)
         axes = {}
         for axis, net in self.mlps.items():
             n = len(self.choices[axis])
-            logits = (net(x) * logit_scale).view(self.rows[axis], n)
+            logits = (_mlp_fp32(net, x) * logit_scale).view(self.rows[axis], n)
             if generator is not None:  # Gumbel(0, 1) noise, drawn on the generator's device
                 u = torch.rand(logits.shape, generator=generator, device=generator.device, dtype=torch.float64)
                 gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-12)))
@@ -181,6 +182,14 @@ class ElasticRouter(nn.Module):
             probs = torch.softmax(logits / tau, dim=-1)
             axes[axis] = AxisChoice(self.choices[axis], probs[0] if self.rows[axis] == 1 else probs)
         return Choice(axes, hard)
+
+
+def _mlp_fp32(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The router MLP in fp32 whatever its parameters' dtype (bf16 under megatron's Float16Module, whose
+    fp32 master weights live in the optimizer): choice probabilities and the budget loss stay precise."""
+    for layer in net:
+        x = F.linear(x, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(x)
+    return x
 
 
 def tau_at(step: int, elastic: ElasticConfig) -> float:

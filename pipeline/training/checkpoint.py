@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -142,10 +142,15 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(iter_dir(root, it), ignore_errors=True)
 
 
-def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool = True) -> Dict[str, Any]:
-    """Load a full training state (or only the model when optimizer is None); returns ``state``."""
+def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool = True,
+         missing_ok: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Load a full training state (or only the model when optimizer is None); returns ``state``.
+
+    Model keys containing one of ``missing_ok`` are not read (modules a later stage adds to the parent)."""
     _check_dir(ckpt)
     sd = _model_sharded(model_chunks)
+    if missing_ok:
+        sd = {k: {n: v for n, v in chunk.items() if not any(s in n for s in missing_ok)} for k, chunk in sd.items()}
     if optimizer is not None:
         _init_adam_steps(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -159,7 +164,7 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
         raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
     for i, m in enumerate(model_chunks):
         missing, unexpected = _unwrap(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and not any(s in k for s in missing_ok)]
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
     if optimizer is not None:

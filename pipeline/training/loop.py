@@ -87,7 +87,7 @@ class Trainer:
             self.log(f"resumed from {checkpoint.iter_dir(self.ckpt_root, latest)} (iteration {self.iteration})")
         elif t.init_from:
             src = resolve_init(self.recipe, t.init_from)
-            checkpoint.load(src, [m.module for m in self.model], load_rng=False)
+            checkpoint.load(src, [m.module for m in self.model], load_rng=False, missing_ok=self.task.init_missing_ok)
             self.log(f"initialised weights from {src}")
         self.task.setup(self.model, self.device)
         self.data = self.task_batches(self.consumed)
@@ -144,8 +144,8 @@ class Trainer:
                     values["mfu"] = tokens * fpt / (peak * 1e12)
                 done = self.iteration - start_iter
                 eta = (time.perf_counter() - start_time) / done * (t.train_iters - self.iteration)
-                self.log(metrics.log_line(self.iteration, t.train_iters, values, f"eta {metrics.fmt_eta(eta)}"),
-                         logger_rank=True)
+                extra = " | ".join(x for x in (self.task.log_extra(values), f"eta {metrics.fmt_eta(eta)}") if x)
+                self.log(metrics.log_line(self.iteration, t.train_iters, values, extra), logger_rank=True)
             if self._stop_requested():
                 self.save()
                 self.log(f"preempted: saved iter {self.iteration}", logger_rank=True)
@@ -155,6 +155,7 @@ class Trainer:
                 last_saved = self.iteration
         if last_saved != self.iteration:
             self.save()
+        self.task.finish(self.dir)
         if self.is_logger:
             writer.close()
             with open(os.path.join(self.dir, "final.json"), "w") as f:
@@ -166,10 +167,11 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.task.begin_step(self.iteration)
         loss_dicts = get_forward_backward_func()(
             forward_step_func=self.task.forward_step, data_iterator=self.data, model=self.model,
             num_microbatches=self.num_micro, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-            forward_only=False,
+            forward_only=False, **self.task.schedule_kwargs(),
         )
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from pipeline.config.schema import Recipe, TrainingConfig
@@ -44,7 +44,11 @@ def build_optimizer(recipe: Recipe, t: TrainingConfig, model_chunks: List[torch.
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=recipe.parallelism.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    merged = None
+    if overrides:  # megatron replaces its defaults (no weight decay on biases / norms) when given any
+        merged = get_standard_config_overrides(config)
+        merged.update(overrides)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=merged)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if t.lr_warmup_iters else t.lr,

@@ -32,6 +32,23 @@ class Task(abc.ABC):
     def optimizer_overrides(self):
         return None
 
+    # Checkpoint keys a ``training.init_from`` source may lack (modules the stage adds, e.g. the elastic router).
+    init_missing_ok: Tuple[str, ...] = ()
+
+    def begin_step(self, iteration: int) -> None:
+        """Called before each optimizer step's micro-batches (iteration = steps already taken)."""
+
+    def schedule_kwargs(self) -> Dict[str, Any]:
+        """Extra keyword arguments for megatron's forward-backward function (e.g. adjust_tensor_shapes_fn)."""
+        return {}
+
+    def log_extra(self, values: Dict[str, float]) -> str:
+        """Task-specific text appended to the loop's log line."""
+        return ""
+
+    def finish(self, stage_dir: str) -> None:
+        """Called on every rank after the last step (and its checkpoint)."""
+
     @abc.abstractmethod
     def forward_step(self, data_iterator: Iterator[Dict[str, torch.Tensor]], model) -> Tuple[torch.Tensor, Any]:
         """(output tensor, loss_func(output) -> (loss, {name: value})) for one micro-batch."""

@@ -1,0 +1,227 @@
+"""The elastic stages' Task: one micro-batch = one sampled budget, router choice, nested masks, KD + budget loss.
+
+Per micro-batch (identically on every rank: the budget and the Gumbel noise are pure functions of
+(run.seed, iteration, micro-batch), so TP/EP/PP/DP peers mask the same subnet):
+
+1. sample the budget (``stageN.budget_weights``, uniform when empty);
+2. the router maps it to a choice per axis (Gumbel-softmax at tau(step), logits x the ramped scaler);
+3. the student's masks follow the choice (hard: argmax, straight-through max(p); soft: mixture of prefixes);
+4. the frozen teacher (the permuted parent) and the student run the same micro-batch;
+5. loss = forward KL(teacher || student) + elastic.budget_loss_alpha x budget loss.
+
+Router gradients: its copy on every rank sees only that rank's heads, channels, sequence shard and layers,
+so ``router_slot.sync_grads`` sums them over TP and PP before DDP averages over DP (``finalize_model_grads``
+runs it first; DDP's reduction is not overlapped, see ``optim.wrap_ddp``). The budget loss is replicated
+on every TP and CP rank, hence scaled by 1 / (tp x cp) so the sums count it once.
+
+The student's MoE expert bias is frozen: masked experts see no tokens and would otherwise drift the full
+model's routing away from the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+
+from pipeline.elastic.budget import budget_loss
+from pipeline.elastic.kd import forward_kl, sample_budget
+from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.router import ElasticRouter, logit_scale_at, tau_at
+from pipeline.elastic.router_slot import SLOT, attach, sync_grads
+from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
+from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input, unwrap
+from pipeline.errors import UserError
+from pipeline.model.build import build_model
+from pipeline.training.task import Task
+
+AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
+             "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
+
+
+def removal_order(recipe) -> List[int]:
+    """The importance stage's layer ranking (``importance.json`` "depth"), needed by a depth axis."""
+    path = os.path.join(recipe.run.root, recipe.run.name, "importance", "importance.json")
+    if not os.path.isfile(path):
+        raise UserError(f"elastic.axes.depth needs the importance stage's layer ranking: {path} is missing "
+                        f"(run importance with importance.depth: true)")
+    with open(path) as f:
+        order = json.load(f).get("depth", {}).get("removal_order")
+    if not order:
+        raise UserError(f"{path} has no depth.removal_order: rerun importance with importance.depth: true")
+    return [int(i) for i in order]
+
+
+def _noise_seed(seed: int, iteration: int, micro: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(iteration), int(micro), 7]).generate_state(1)[0])
+
+
+class ElasticTask(Task):
+    name = "elastic"
+    init_missing_ok = (SLOT,)  # the importance checkpoint has no router yet
+
+    def __init__(self, recipe, stage: str):
+        super().__init__(recipe, stage)
+        self.cfg = getattr(recipe, stage)
+        e = recipe.elastic
+        self.budgets = e.budgets
+        self.weights = list(self.cfg.budget_weights) or [1.0] * len(e.budgets)
+        self.hard = self.cfg.masks == "hard"
+        self.order = removal_order(recipe) if len(e.axes.depth) > 1 else []
+        self.total_steps = self.cfg.training.train_iters
+        self.iteration, self.micro = 0, 0
+
+    # ---- model and optimizer
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        model = build_model(self.recipe, dtype, elastic=True)
+        for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
+            router.frozen_expert_bias = True
+        self.slot = attach(model, ElasticRouter(self.recipe.elastic, self.recipe.model), self.recipe.run.seed)
+        return model
+
+    def optimizer_overrides(self):
+        from megatron.core.optimizer.optimizer_config import ParamKey
+
+        t, mult = self.cfg.training, self.recipe.elastic.router_lr_mult
+        return {ParamKey(name=f"*{SLOT}*"): {"max_lr": t.lr * mult, "min_lr": t.min_lr * mult}}
+
+    def setup(self, model_chunks, device) -> None:
+        from pipeline.training.loop import resolve_init
+
+        try:
+            src = resolve_init(self.recipe, self.cfg.teacher)
+        except UserError as e:
+            raise UserError(f"{self.stage}.teacher: {str(e).split(': ', 1)[-1]}") from None
+        bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
+        self.teacher = build_teacher(self.recipe, src, bf16)
+        self.student = model_chunks[0]
+        self.masks = ElasticMasks(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
+        config = unwrap(self.student).config
+        finalize = config.finalize_model_grads_func
+
+        def finalize_with_router(*args, **kwargs):
+            sync_grads(self.slot)
+            return finalize(*args, **kwargs)
+
+        config.finalize_model_grads_func = finalize_with_router
+        self.teacher_src = src
+
+    def schedule_kwargs(self):
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            return {"adjust_tensor_shapes_fn": double_hidden_shapes}
+        return {}
+
+    # ---- one step
+    def begin_step(self, iteration: int) -> None:
+        self.iteration, self.micro = iteration, 0
+
+    def schedule(self):
+        e = self.recipe.elastic
+        return tau_at(self.iteration, e), logit_scale_at(self.iteration, self.total_steps, e)
+
+    def forward_step(self, data_iterator, model):
+        seed, it, mb = self.recipe.run.seed, self.iteration, self.micro
+        self.micro += 1
+        b = sample_budget(seed, it, mb, self.weights)
+        tau, scale = self.schedule()
+        choice = self.slot(b, tau, scale, self.hard, torch.Generator().manual_seed(_noise_seed(seed, it, mb)))
+        self.masks.set_choice(choice)
+
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        split_stage_input(model, self.teacher)
+        with torch.no_grad():
+            t_out = self.teacher(batch["tokens"], batch["position_ids"], None)
+        s_out = model(batch["tokens"], batch["position_ids"], None)
+        if not ps.is_pipeline_last_stage():
+            return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1), None
+        return s_out, partial(self._loss, t_out, batch["loss_mask"], b, choice)
+
+    def _loss(self, teacher_logits, loss_mask, b: int, choice, student_logits):
+        e, budget = self.recipe.elastic, self.budgets[b]
+        per_token = forward_kl(student_logits, teacher_logits, loss_mask, e.kd_temperature)
+        # sum over this rank's tokens / tokens over the CP group: megatron's schedule multiplies by cp and
+        # DDP averages over DP x CP, so the gradient is that of the global token mean
+        counts = torch.stack([per_token.sum().detach().float(), loss_mask.sum().float()])
+        cp = ps.get_context_parallel_world_size()
+        if cp > 1:
+            dist.all_reduce(counts, group=ps.get_context_parallel_group())
+        kd = per_token.sum() / counts[1].clamp(min=1)
+        bl, expected = budget_loss(choice, self.recipe.model, budget.fraction, e, self.order)
+        bl = bl.to(kd.device)
+        loss = kd + e.budget_loss_alpha * bl / (ps.get_tensor_model_parallel_world_size() * cp)
+        kd_value = counts[0] / counts[1].clamp(min=1)
+        logs = {"loss": (kd_value + e.budget_loss_alpha * bl.detach()).detach(), f"kd/{budget.name}": kd_value,
+                f"budget_loss/{budget.name}": bl.detach(), f"size/{budget.name}": torch.tensor(expected / self._full())}
+        for axis, size in choice.sizes().items():
+            logs[f"choice/{budget.name}/{axis}"] = torch.tensor(float(np.mean(size)))
+        return loss, logs
+
+    def _full(self) -> float:
+        if not hasattr(self, "_full_size"):
+            from pipeline.elastic.budget import target_size
+            from pipeline.model.params import Dims
+
+            m = self.recipe.model
+            self._full_size = float(target_size(Dims.from_model(m), m, self.recipe.elastic))
+        return self._full_size
+
+    # ---- logs
+    def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Each key's mean over the micro-batches that trained its budget ("loss": all of them)."""
+        keys = sorted({k for d in loss_dicts for k in d})
+        return {k: float(torch.stack([d[k].float().cpu() for d in loss_dicts if k in d]).mean()) for k in keys}
+
+    def log_extra(self, values: Dict[str, float]) -> str:
+        tau, _ = self.schedule()
+        parts = []
+        for budget in self.budgets:
+            if f"kd/{budget.name}" not in values:
+                continue
+            n = budget.name
+            chosen = " ".join(f"{AXIS_TAGS[a.split('/')[-1]]} {values[a]:g}" for a in sorted(values)
+                              if a.startswith(f"choice/{n}/"))
+            parts.append(f"{n}: kd {values[f'kd/{n}']:.4f} size {values[f'size/{n}']:.3f}/{budget.fraction:g} "
+                         f"bl {values[f'budget_loss/{n}']:.3f} [{chosen}]")
+        return " | ".join(parts + [f"tau {tau:.3f}"])
+
+    # ---- state and output
+    def state_dict(self):
+        """For inspection: tau and the logit scale are functions of the (checkpointed) iteration, so a
+        resumed run continues their schedules exactly without reading these back."""
+        tau, scale = self.schedule()
+        return {"last_step": self.iteration, "tau": tau, "logit_scale": scale}
+
+    def resolved_budgets(self) -> List[ResolvedBudget]:
+        """Each budget's router argmax (no noise), as the subnet slicing will cut."""
+        tau, scale = self.schedule()
+        with torch.no_grad():
+            return [ResolvedBudget(b.name, b.fraction,
+                                   self.slot(i, tau, scale, True).argmax_subnet(self.recipe.model, self.order))
+                    for i, b in enumerate(self.budgets)]
+
+    def finish(self, stage_dir: str) -> None:
+        resolved = self.resolved_budgets()
+        self.masks.clear()
+        if dist.get_rank() != 0:
+            return
+        data = budgets_to_json(self.recipe.model, resolved)
+        data.update(stage=self.stage, teacher=self.teacher_src, removal_order=self.order)
+        tmp = os.path.join(stage_dir, BUDGETS_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, os.path.join(stage_dir, BUDGETS_FILE))
+        for row in data["budgets"]:
+            s = row["subnet"]
+            print(f"[{self.stage}] budget {row['name']}: active {row['active_params']:,} "
+                  f"({row['active_fraction']:.3f} of the parent, target {row['fraction']:g}) | "
+                  + " ".join(f"{AXIS_TAGS[a]} {s[a]}" for a in AXIS_TAGS if a in s)
+                  + (f" skip {s['skip_layers']}" if s["skip_layers"] else ""), flush=True)
