@@ -155,8 +155,8 @@ def test_make_stage_targets_call_the_launchers():
     with open(GOLDEN) as f:
         assert done.stdout == f.read()
     dry = make("-n", "all", "LAUNCHER=slurm", "ARGS=x.y=1").stdout.split()
-    assert dry[1:12] == ["-m", "launchers.slurm", "data", "import", "importance", "stage1", "stage2", "qad",
-                         "export", "--recipe", "recipes/tiny.yaml"]
+    assert dry[1:13] == ["-m", "launchers.slurm", "data", "import", "importance", "stage1", "stage2", "evaluate",
+                         "qad", "export", "--recipe", "recipes/tiny.yaml"]
     assert "--nproc-per-node=2" in make("-n", "stage2", "NPROC=2").stdout
     bad = make("pretrain", "LAUNCHER=pbs")
     assert bad.returncode != 0 and "LAUNCHER=pbs: use local, slurm or nemo" in bad.stderr
