@@ -88,6 +88,9 @@ class Trainer:
         elif t.init_from:
             src = resolve_init(self.recipe, t.init_from)
             checkpoint.load(src, [m.module for m in self.model], load_rng=False, missing_ok=self.task.init_missing_ok)
+            # bf16: the optimizer's fp32 master weights were copied from the fresh init; refresh them, or the
+            # first step writes the random init back into the model
+            self.optimizer.reload_model_params()
             self.log(f"initialised weights from {src}")
         self.task.setup(self.model, self.device)
         self.data = self.task_batches(self.consumed)
