@@ -4,7 +4,7 @@
       config.json, model*.safetensors   # the permuted full model as HF NemotronH (loads as the full budget)
       tokenizer files                   # from the data stage / the imported parent
       elastic.json                      # budgets (resolved subnets), model section, source, storage report
-      megatron/iter_XXXXXXX/            # the chosen stage checkpoint, for further training
+      megatron/iter_<iteration>/        # the chosen stage checkpoint, for further training
       megatron/latest_checkpointed_iteration.txt
 
 A budget is sliced from the safetensors tensor by tensor (``slicing.slice_tensor``) into sharded output
@@ -28,7 +28,7 @@ from pipeline.elastic.subnet import ResolvedBudget, budgets_from_json
 from pipeline.errors import UserError
 from pipeline.hf.exporter import CARRIED_FILES
 from pipeline.hf.mapping import hf_shapes, links
-from pipeline.hf.safetensors_io import INDEX, SINGLE, SafetensorsDir, ShardWriter, plan_shards
+from pipeline.hf.safetensors_io import SafetensorsDir, tensor_bytes, write_model_files
 
 ELASTIC_JSON = "elastic.json"
 MEGATRON_DIR = "megatron"
@@ -181,32 +181,14 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
         src = files.tensors[old].dtype
         out_dtype[new] = dtype if dtype is not None and src == main_dtype else src
     order = [(n, out_dtype[n], shapes[n]) for link in links(small) for n in link.hf]
-    shards = plan_shards(order, max_shard_bytes)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
     tmp = prepare_out(out_dir, overwrite)
     os.makedirs(tmp)
-    total = sum(torch.empty(0, dtype=d).element_size() * _numel(s) for _, d, s in order)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"slice {budget.name}", disable=not progress)
+    sliced = ((name, slice_tensor(parent_of[name], files.read(parent_of[name]), model, budget.subnet).to(want))
+              for name, want, _ in order)
+    bar = tqdm(total=tensor_bytes(order), unit="B", unit_scale=True, desc=f"slice {budget.name}",
+               disable=not progress)
     try:
-        weight_map = {}
-        for fname, shard in zip(names, shards):
-            writer = ShardWriter(os.path.join(tmp, fname), shard)
-            try:
-                for name, want_dtype, _ in shard:
-                    old = parent_of[name]
-                    tensor = slice_tensor(old, files.read(old), model, budget.subnet).to(want_dtype)
-                    writer.write(name, tensor)
-                    weight_map[name] = fname
-                    bar.update(tensor.numel() * tensor.element_size())
-                    del tensor
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-        if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_model_files(tmp, order, sliced, max_shard_bytes, bar)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         copy_carried_files(src_dir, tmp)
@@ -238,10 +220,3 @@ def slice_to_megatron(recipe: Recipe, src_dir: str, out_dir: str, model: ModelCo
     finally:
         shutil.rmtree(sliced_hf, ignore_errors=True)
     return finish_out(tmp, out_dir)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -9,6 +9,7 @@ name -> bytes per element, read from its safetensors headers) for tensors kept i
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -30,28 +31,21 @@ def sliced_shapes(model: ModelConfig, subnet: Subnet) -> Dict[str, Tuple[Tuple[i
     return out
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def storage_report(model: ModelConfig, budgets: List[ResolvedBudget], dtype_bytes: int = 2,
                    element_bytes: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Bytes of the elastic checkpoint (the full model once) and of each budget's standalone model."""
     element_bytes = element_bytes or {}
-    size = lambda name, shape: _numel(shape) * element_bytes.get(name, dtype_bytes)  # noqa: E731
+    size = lambda name, shape: prod(shape) * element_bytes.get(name, dtype_bytes)  # noqa: E731
     full = hf_shapes(model)
     rows = []
     for b in budgets:
         shapes = sliced_shapes(model, b.subnet)
         rows.append({"name": b.name, "subnet": b.subnet.to_json(),
-                     "elements": sum(_numel(s) for s, _ in shapes.values()),
+                     "elements": sum(prod(s) for s, _ in shapes.values()),
                      "bytes": sum(size(parent, s) for s, parent in shapes.values())})
     separate = sum(r["bytes"] for r in rows)
     elastic = sum(size(n, s) for n, s in full.items())
-    return {"dtype_bytes": dtype_bytes, "elastic_elements": sum(_numel(s) for s in full.values()),
+    return {"dtype_bytes": dtype_bytes, "elastic_elements": sum(prod(s) for s in full.values()),
             "elastic_bytes": elastic, "budgets": rows, "separate_bytes": separate,
             "saved_fraction": 1.0 - elastic / separate if separate else 0.0}
 

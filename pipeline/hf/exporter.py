@@ -20,7 +20,7 @@ from pipeline.config.schema import ModelConfig
 from pipeline.errors import UserError
 from pipeline.hf import config as hf_config
 from pipeline.hf.mapping import Link, hf_shapes, links, mcore_shapes
-from pipeline.hf.safetensors_io import INDEX, SINGLE, ShardWriter, plan_shards
+from pipeline.hf.safetensors_io import tensor_bytes, write_model_files
 
 GROUP_BYTES = 64 << 20
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -130,35 +130,14 @@ def export_hf(model: ModelConfig, ckpt_dir: str, out_dir: str, dtype: Optional[t
         for name in link.hf:
             out_dtype[name] = dtype if dtype is not None and kept == main_dtype else kept
     order = [(n, out_dtype[n], shapes[n]) for link in model_links for n in link.hf]
-    shards = plan_shards(order, max_shard_bytes)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
-
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     reader = _Reader(ckpt_dir, stored, model)
-    total = sum(_nbytes(s, d) for _, d, s in order)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {os.path.basename(out_dir.rstrip('/'))}",
-               disable=not progress)
+    bar = tqdm(total=tensor_bytes(order), unit="B", unit_scale=True,
+               desc=f"export {os.path.basename(out_dir.rstrip('/'))}", disable=not progress)
     try:
-        produced = _produce(model_links, reader, out_dtype)
-        weight_map = {}
-        for fname, shard in zip(names, shards):
-            writer = ShardWriter(os.path.join(tmp, fname), shard)
-            try:
-                for name, _, _ in shard:
-                    got_name, tensor = next(produced)
-                    writer.write(got_name, tensor)
-                    weight_map[name] = fname
-                    bar.update(tensor.numel() * tensor.element_size())
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-        if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_model_files(tmp, order, _produce(model_links, reader, out_dtype), max_shard_bytes, bar)
         main_name = hf_config.hf_dtype_name(dtype or main_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config.hf_config_from_model(model, base_config, main_name), f, indent=2, sort_keys=True)

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -154,6 +154,37 @@ def plan_shards(entries: Iterable[Tuple[str, torch.dtype, Sequence[int]]], max_b
     if current:
         shards.append(current)
     return shards
+
+
+def tensor_bytes(entries: Iterable[Tuple[str, torch.dtype, Sequence[int]]]) -> int:
+    return sum(_numel(shape) * torch.empty(0, dtype=dtype).element_size() for _, dtype, shape in entries)
+
+
+def write_model_files(out: str, entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
+                      tensors: Iterator[Tuple[str, torch.Tensor]], max_shard_bytes: int, bar=None) -> None:
+    """``tensors`` ((name, tensor) in the order of ``entries``) into ``out`` as ``model.safetensors`` or
+    numbered shards plus the index, one tensor in memory at a time; ``bar`` (tqdm) advances by bytes."""
+    shards = plan_shards(entries, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        writer = ShardWriter(os.path.join(out, fname), shard)
+        try:
+            for name, _, _ in shard:
+                got, tensor = next(tensors)
+                writer.write(got, tensor)
+                weight_map[name] = fname
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
+                del tensor
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    if len(shards) > 1:
+        with open(os.path.join(out, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": tensor_bytes(entries)}, "weight_map": weight_map}, f, indent=2)
 
 
 def _numel(shape: Sequence[int]) -> int:
