@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
 from pipeline import parallel
 from pipeline.config.load import load_recipe
 from pipeline.elastic.importance.forward import forward_only
-from pipeline.elastic.importance.layers import scoring_model, unwrap
+from pipeline.elastic.importance.layers import scoring_model
 from pipeline.elastic.importance.orders import orders_from_scores
 from pipeline.elastic.importance.run import calibration_batches, calibration_plan, score
 from pipeline.elastic.permute import permute_model
@@ -151,4 +152,4 @@ def reloaded_logits(root: str, name: str) -> torch.Tensor:
 
 
 def stack(model):
-    return unwrap(model).decoder.layers
+    return unwrap_model(model).decoder.layers

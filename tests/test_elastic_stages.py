@@ -18,7 +18,8 @@ from test_pretrain import wait_for_checkpoint
 
 PARENT = ["training.train_iters=12", "training.seq_length=64", "importance.data=synthetic", "importance.samples=16",
           "importance.seq_length=64"]
-SHORT = ["stage1.training.train_iters=4", "stage1.training.lr_warmup_iters=1", "stage1.training.seq_length=64", "checkpointing.save_interval=2",
+SHORT = ["stage1.training.train_iters=4", "stage1.training.lr_warmup_iters=1", "stage1.training.seq_length=64",
+         "checkpointing.save_interval=2",
          "checkpointing.keep_last=0", "logging.log_interval=1"]
 
 
@@ -145,14 +146,14 @@ def bf16_first_step(root):
     """(max |change| of any non-router parameter in the first bf16 step, the step's learning rate)."""
     from pipeline.config.load import load_recipe
     from pipeline.elastic.task import ElasticTask
-    from pipeline.elastic.teacher import unwrap
+    from megatron.core.utils import unwrap_model
     from pipeline.training.loop import Trainer
 
     r = load_recipe(TINY, [f"run.root={root}", *PARENT, "stage1.training.precision=bf16",
                            "stage1.training.lr_warmup_iters=0"])
     trainer = Trainer(r, "stage1", ElasticTask(r, "stage1"))
     trainer.setup()
-    model = unwrap(trainer.model[0])
+    model = unwrap_model(trainer.model[0])
     before = {k: v.detach().float().clone() for k, v in model.named_parameters() if "elastic_router" not in k}
     trainer.step()
     return max(float((v.detach().float() - before[k]).abs().max()) for k, v in model.named_parameters()

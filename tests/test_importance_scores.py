@@ -52,7 +52,7 @@ def test_planted_hidden_channels_rank_first(env):
     planted = [3, 77, 100]
     with torch.no_grad():
         layers(model)[3].input_layernorm.weight[planted] *= 20
-        w.unwrap(model).decoder.final_norm.weight[planted] *= 20
+        w.unwrap_model(model).decoder.final_norm.weight[planted] *= 20
     _, orders = ranked(r, model)
     assert sorted(orders.hidden[:3].tolist()) == planted
 
@@ -124,7 +124,7 @@ def test_planted_layers_rank_by_iterative_removal(env):
     feeding everything after it, is the most important one of a random model)."""
     r, model = env(["importance.depth=true", "importance.depth_samples=4"])
     with torch.no_grad():
-        w.unwrap(model).embedding.word_embeddings.weight *= 20
+        w.unwrap_model(model).embedding.word_embeddings.weight *= 20
         layers(model)[2].mixer.out_proj.weight.zero_()
         layers(model)[3].self_attention.linear_proj.weight *= 100
     plan = calibration_plan(r)

@@ -8,8 +8,6 @@ which computes the parent's function). A subnet under hard masks computes exactl
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, Iterator, List
 
 import torch
@@ -22,22 +20,9 @@ from megatron.core.transformer.module import Float16Module
 from pipeline.config.schema import Recipe
 from pipeline.elastic.masks import ElasticMasks
 from pipeline.elastic.router_slot import SLOT
-from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_from_json
-from pipeline.errors import UserError
+from pipeline.elastic.subnet import ResolvedBudget
 from pipeline.model.build import build_model
 from pipeline.training import checkpoint
-
-
-def load_budgets(stage_dir: str) -> List[ResolvedBudget]:
-    path = os.path.join(stage_dir, BUDGETS_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing: run the elastic stage to its end first")
-    with open(path) as f:
-        data = json.load(f)
-    try:
-        return budgets_from_json(data, path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def validation_batches(recipe: Recipe, stage: str, micro_batch_size: int) -> List[Dict[str, torch.Tensor]]:
@@ -87,23 +72,19 @@ def lm_loss(model: torch.nn.Module, batches: List[Dict[str, torch.Tensor]], seq_
     return float(sums[0] / sums[1].clamp(min=1))
 
 
-def evaluate_budgets(recipe: Recipe, stage: str, trained_ckpt: str, parent_ckpt: str, dtype: torch.dtype,
-                     say=print) -> Dict:
-    """{"budgets": [{name, fraction, active_params, trained, untrained}], "parent": loss} on the logging rank."""
-    stage_dir = os.path.join(recipe.run.root, recipe.run.name, stage)
-    budgets = load_budgets(stage_dir)
-    with open(os.path.join(stage_dir, BUDGETS_FILE)) as f:
-        meta = json.load(f)
+def evaluate_budgets(recipe: Recipe, stage: str, budgets: List[ResolvedBudget], trained_ckpt: str,
+                     parent_ckpt: str, dtype: torch.dtype, say=print) -> Dict:
+    """{"budgets": [{name, fraction, active_params, trained, untrained}], "parent": loss} (the loss on the last
+    pipeline stage)."""
     t = getattr(recipe, stage).training
     mbs = t.micro_batch_size
     batches = validation_batches(recipe, stage, mbs)
     model = build_model(recipe, dtype, elastic=True)
     if dtype == torch.bfloat16:  # as in training: every parameter bf16 (Mamba's A_log / D too)
         model = Float16Module(model.config, model)
-    masks = ElasticMasks(model, recipe.model, recipe.elastic.axes, meta.get("removal_order", []))
-    rows = {b.name: {"name": b.name, "fraction": b.fraction} for b in budgets}
-    for row in meta["budgets"]:
-        rows[row["name"]]["active_params"] = row["active_params"]
+    masks = ElasticMasks(model, recipe.model, recipe.elastic.axes)  # subnets name their skipped layers
+    rows = {b.name: {"name": b.name, "fraction": b.fraction,
+                     "active_params": int(b.subnet.count(recipe.model).active)} for b in budgets}
     out: Dict = {"stage": stage, "trained": trained_ckpt, "parent_checkpoint": parent_ckpt,
                  "tokens": len(batches) * mbs * t.seq_length * ps.get_data_parallel_world_size()}
     for label, ckpt in (("untrained", parent_ckpt), ("trained", trained_ckpt)):

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
-from pipeline.elastic.importance.layers import stack_layers, unwrap
+from pipeline.elastic.importance.layers import stack_layers
 from pipeline.elastic.importance.orders import Orders
 from pipeline.elastic.importance.stats import gather
 
@@ -159,7 +160,7 @@ def _move_experts(local: List[torch.nn.Module], order: torch.Tensor) -> None:
 def _hidden(model: torch.nn.Module, pattern: str, order: torch.Tensor) -> None:
     """Every parameter with a hidden dim, once (tied embeddings share a tensor); fails loudly if the model
     has a parameter this plan does not know (a permutation that silently skips one would break the model)."""
-    bare = unwrap(model)
+    bare = unwrap_model(model)
     plan: List = []  # (tensor, dim)
 
     def lin(m, hidden_dim):

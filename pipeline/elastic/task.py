@@ -30,17 +30,19 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
-from pipeline.elastic.budget import budget_loss
+from pipeline.elastic.budget import budget_loss, target_size
 from pipeline.elastic.kd import forward_kl, sample_budget
 from pipeline.elastic.masks import ElasticMasks
 from pipeline.elastic.router import ElasticRouter, logit_scale_at, tau_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
 from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
-from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input, unwrap
+from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.model.build import build_model
-from pipeline.training.task import Task
+from pipeline.model.params import Dims
+from pipeline.training.task import Task, token_mean
 
 AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
              "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
@@ -76,6 +78,7 @@ class ElasticTask(Task):
         self.hard = self.cfg.masks == "hard"
         self.order = removal_order(recipe) if len(e.axes.depth) > 1 else []
         self.total_steps = self.cfg.training.train_iters
+        self.full_size = float(target_size(Dims.from_model(recipe.model), recipe.model, e))  # what fractions are of
         self.iteration, self.micro = 0, 0
 
     # ---- model and optimizer
@@ -103,7 +106,7 @@ class ElasticTask(Task):
         self.teacher = build_teacher(self.recipe, src, bf16)
         self.student = model_chunks[0]
         self.masks = ElasticMasks(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
-        config = unwrap(self.student).config
+        config = unwrap_model(self.student).config
         finalize = config.finalize_model_grads_func
 
         def finalize_with_router(*args, **kwargs):
@@ -147,32 +150,17 @@ class ElasticTask(Task):
 
     def _loss(self, teacher_logits, loss_mask, b: int, choice, student_logits):
         e, budget = self.recipe.elastic, self.budgets[b]
-        per_token = forward_kl(student_logits, teacher_logits, loss_mask, e.kd_temperature)
-        # sum over this rank's tokens / tokens over the CP group: megatron's schedule multiplies by cp and
-        # DDP averages over DP x CP, so the gradient is that of the global token mean
-        counts = torch.stack([per_token.sum().detach().float(), loss_mask.sum().float()])
-        cp = ps.get_context_parallel_world_size()
-        if cp > 1:
-            dist.all_reduce(counts, group=ps.get_context_parallel_group())
-        kd = per_token.sum() / counts[1].clamp(min=1)
+        kd, kd_value = token_mean(forward_kl(student_logits, teacher_logits, loss_mask, e.kd_temperature), loss_mask)
+        replicas = ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size()
         bl, expected = budget_loss(choice, self.recipe.model, budget.fraction, e, self.order)
         bl = bl.to(kd.device)
-        loss = kd + e.budget_loss_alpha * bl / (ps.get_tensor_model_parallel_world_size() * cp)
-        kd_value = counts[0] / counts[1].clamp(min=1)
+        loss = kd + e.budget_loss_alpha * bl / replicas  # replicated on TP and CP ranks: counted once
         logs = {"loss": (kd_value + e.budget_loss_alpha * bl.detach()).detach(), f"kd/{budget.name}": kd_value,
-                f"budget_loss/{budget.name}": bl.detach(), f"size/{budget.name}": torch.tensor(expected / self._full())}
+                f"budget_loss/{budget.name}": bl.detach(),
+                f"size/{budget.name}": torch.tensor(expected / self.full_size)}
         for axis, size in choice.sizes().items():
             logs[f"choice/{budget.name}/{axis}"] = torch.tensor(float(np.mean(size)))
         return loss, logs
-
-    def _full(self) -> float:
-        if not hasattr(self, "_full_size"):
-            from pipeline.elastic.budget import target_size
-            from pipeline.model.params import Dims
-
-            m = self.recipe.model
-            self._full_size = float(target_size(Dims.from_model(m), m, self.recipe.elastic))
-        return self._full_size
 
     # ---- logs
     def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:

@@ -15,17 +15,11 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import unwrap_model
 
 from pipeline.config.schema import Recipe
 from pipeline.model.build import build_model
 from pipeline.training import checkpoint
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The bare HybridModel under DDP / Float16Module."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def build_teacher(recipe: Recipe, ckpt: str, bf16: bool) -> torch.nn.Module:
@@ -49,7 +43,7 @@ def split_stage_input(student: torch.nn.Module, teacher: torch.nn.Module) -> Non
     """On a non-first pipeline stage, hand each model its half of the received ``[student | teacher]``."""
     if parallel_state.is_pipeline_first_stage():
         return
-    s, t = unwrap(student), unwrap(teacher)
+    s, t = unwrap_model(student), unwrap_model(teacher)
     both = s.decoder.input_tensor
     if isinstance(both, list):
         both = both[0]

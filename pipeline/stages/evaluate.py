@@ -35,10 +35,15 @@ def main(recipe, args) -> None:
     from megatron.core import parallel_state as ps
 
     from pipeline import parallel
-    from pipeline.elastic.evaluate import evaluate_budgets, format_table, load_budgets
+    from pipeline.elastic.elastic_dir import read_budgets
+    from pipeline.elastic.evaluate import evaluate_budgets, format_table
+    from pipeline.elastic.subnet import BUDGETS_FILE
     from pipeline.training.loop import resolve_init, stage_dir
 
-    load_budgets(stage_dir(recipe, stage))  # a clear error before any process group work
+    path = os.path.join(stage_dir(recipe, stage), BUDGETS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: run {stage} to its end first")
+    budgets = read_budgets(path, recipe.model)  # clear errors before any process group work
     trained = resolve_init(recipe, stage)
     try:
         parent = resolve_init(recipe, args.parent)
@@ -51,7 +56,8 @@ def main(recipe, args) -> None:
               and ps.get_data_parallel_rank() == 0)
     say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if logger else (lambda msg: None)
     try:
-        result = evaluate_budgets(recipe, stage, trained, parent, torch.bfloat16 if bf16 else torch.float32, say)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        result = evaluate_budgets(recipe, stage, budgets, trained, parent, dtype, say)
         if logger:
             out_dir = stage_dir(recipe, "evaluate")
             os.makedirs(out_dir, exist_ok=True)

@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.utils import unwrap_model
 
 from pipeline.errors import UserError
 
@@ -72,20 +73,13 @@ def _rank_object(key: str, data: Any) -> ShardedObject:
     return ShardedObject(key, data, (world,), (rank,), replica_id=0)
 
 
-def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    """DDP / Float16Module wrapped or bare, checkpoints hold the bare model's keys."""
-    while hasattr(m, "module"):
-        m = m.module
-    return m
-
-
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
 def _model_sharded(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
     n = len(model_chunks)
-    return {_model_key(i, n): _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+    return {_model_key(i, n): unwrap_model(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
 
 
 def rng_state() -> Dict[str, Any]:
@@ -163,7 +157,7 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     except Exception as e:  # a checkpoint of another model: name the tensor that does not fit
         raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
     for i, m in enumerate(model_chunks):
-        missing, unexpected = _unwrap(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
+        missing, unexpected = unwrap_model(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and not any(s in k for s in missing_ok)]
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
+from megatron.core import parallel_state
+
 from pipeline.config.schema import Recipe
 from pipeline.model.build import build_model
 
@@ -65,9 +67,21 @@ class Task(abc.ABC):
         return {k: float(torch.stack([d[k].float() for d in loss_dicts]).mean()) for k in keys}
 
 
+def token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, value to log): the sum over this rank's tokens / the tokens of its context-parallel group, and the
+    group's token mean. megatron's schedule multiplies a (loss, logs) loss by the CP size and DDP averages over
+    DP x CP, so the gradient is that of the global token mean (as megatron's own GPT loss)."""
+    total = (per_token.float() * loss_mask).sum()
+    sums = torch.stack([total.detach(), loss_mask.sum().float()])
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+    count = sums[1].clamp(min=1)
+    return total / count, sums[0] / count
+
+
 def masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
-    loss = (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    return loss, {"loss": loss.detach().clone()}
+    loss, value = token_mean(per_token, loss_mask)
+    return loss, {"loss": value}
 
 
 class LMTask(Task):

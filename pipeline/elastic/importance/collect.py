@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
-from pipeline.elastic.importance.layers import stack_layers, unwrap
+from pipeline.elastic.importance.layers import stack_layers
 from pipeline.elastic.importance.reap import expert_stats
 from pipeline.elastic.importance.stats import RESIDUAL, TP_SHARDED, Stat
 
@@ -88,7 +89,7 @@ class Collector:
         self.units: Dict[int, Dict[str, Stat]] = {}
         for layer in stack_layers(model, pattern):
             self._attach(layer.index, layer.kind, layer.module)
-        decoder = unwrap(model).decoder
+        decoder = unwrap_model(model).decoder
         if getattr(decoder, "final_norm", None) is not None and decoder.post_process:
             self._norm(FINAL, decoder.final_norm)
 
@@ -147,7 +148,7 @@ class Collector:
         """Collective on every rank: reduce over DP/TP/EP, aggregate hidden over all norms (PP included)."""
         self.close()
         norms = {k: s.finish()[0] for k, s in self.norms.items()}
-        hidden_size = unwrap(self.model).config.hidden_size
+        hidden_size = unwrap_model(self.model).config.hidden_size
         device = next(self.model.parameters()).device
         agg = torch.zeros(hidden_size + 1, dtype=torch.float64, device=device)
         for v in norms.values():

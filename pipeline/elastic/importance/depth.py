@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.elastic.importance.layers import unwrap
+from megatron.core.utils import unwrap_model
+
 
 # run_pass(on_final): one forward over the depth subset; on_final(micro_batch_index, y) on the last stage
 RunPass = Callable[[Callable[[int, torch.Tensor], None]], None]
@@ -29,7 +30,7 @@ RunPass = Callable[[Callable[[int, torch.Tensor], None]], None]
 @contextlib.contextmanager
 def skip_layers(model: torch.nn.Module, skipped: Sequence[int]):
     """This stage's HybridStack without the layers whose global index is in ``skipped``."""
-    stack = unwrap(model).decoder
+    stack = unwrap_model(model).decoder
     full = stack.layers
     stack.layers = torch.nn.ModuleList([m for m in full if m.layer_number - 1 not in set(skipped)])
     try:
@@ -41,7 +42,7 @@ def skip_layers(model: torch.nn.Module, skipped: Sequence[int]):
 @contextlib.contextmanager
 def final_norm_output(model: torch.nn.Module, sink: Callable[[torch.Tensor], None]):
     """Calls ``sink(y)`` with the final norm's output (last pipeline stage only)."""
-    decoder = unwrap(model).decoder
+    decoder = unwrap_model(model).decoder
     norm = getattr(decoder, "final_norm", None) if decoder.post_process else None
     handle = norm.register_forward_hook(lambda m, i, out: sink(out.detach())) if norm is not None else None
     try:

@@ -11,6 +11,7 @@ from typing import List, NamedTuple
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from pipeline.config.schema import Recipe
 
@@ -21,17 +22,10 @@ class Layer(NamedTuple):
     module: torch.nn.Module
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare HybridModel under DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def stack_layers(model: torch.nn.Module, pattern: str) -> List[Layer]:
     """This stage's layers with their global index and kind."""
     layers = []
-    for layer in unwrap(model).decoder.layers:
+    for layer in unwrap_model(model).decoder.layers:
         i = layer.layer_number - 1
         layers.append(Layer(i, pattern[i], layer))
     return layers

@@ -20,18 +20,14 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from megatron.core.utils import unwrap_model
+
 from pipeline.config.schema import ElasticAxes, ModelConfig
 from pipeline.elastic.masks.modules import InputMasked, SkippableLayer
 from pipeline.elastic.router import Choice, keep_table, kind_layers, removed_layers
 from pipeline.elastic.subnet import LAYER_AXES, Subnet
 
 Plan = Dict[str, Dict[int, Optional[torch.Tensor]]]  # axis -> layer (-1: model-wide) -> unit weights
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):  # DDP / Float16Module
-        module = module.module
-    return module
 
 
 def _mask_output(module, inputs, output):
@@ -42,7 +38,7 @@ def _mask_output(module, inputs, output):
 class ElasticMasks:
     def __init__(self, model_chunk: torch.nn.Module, model_cfg: ModelConfig, axes: ElasticAxes,
                  removal_order: Sequence[int] = ()):
-        model = _unwrap(model_chunk)
+        model = unwrap_model(model_chunk)
         decoder = model.decoder
         self.m, self.axes, self.removal_order = model_cfg, axes, list(removal_order)
         self.layers = [(layer.layer_number - 1, sym, layer)
