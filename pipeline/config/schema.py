@@ -23,6 +23,7 @@ class RunConfig:
 class ModelConfig:
     """A hybrid Mamba-2 / attention / MoE language model (Nemotron-H family)."""
 
+    backend: str = "auto"  # auto (Transformer Engine when it imports) | te | local (megatron's own layers)
     num_layers: int = 3
     pattern: str = "M*E"  # one symbol per layer: M Mamba-2, * attention, E MoE, - dense MLP
     hidden_size: int = 64
@@ -62,6 +63,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel
     pp: int = 1  # pipeline parallel
     ep: int = 1  # expert parallel
+    etp: int = 1  # expert tensor parallel: TP size inside each expert (1 = whole experts, as Megatron-Bridge's Nano)
     cp: int = 1  # context parallel
     sequence_parallel: bool = True  # used whenever tp > 1 (required by MoE under TP)
     pp_layers: List[int] = field(default_factory=list)  # layers per PP stage; [] = balanced
@@ -123,6 +125,7 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    fp8: str = "none"  # none | delayed | current | blockwise: Transformer Engine FP8 recipe (TE backend, Hopper+)
     eval_interval: int = 0  # 0 = no periodic validation
     eval_iters: int = 4
     init_from: str = ""  # another stage's name (its latest checkpoint) or a checkpoint path

@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 LAYER_SYMBOLS = {"M": "Mamba-2", "*": "attention", "E": "MoE", "-": "dense MLP"}
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
+    "model.backend": ("auto", "te", "local"),
     "model.activation": ("squared_relu", "gelu", "silu"),
     "model.moe_score_function": ("sigmoid", "softmax"),
     "parallelism.recompute": ("none", "full"),
@@ -20,6 +21,7 @@ TRAINING_CHOICES = {
     "data": ("synthetic", "blend"),
     "precision": ("auto", "bf16", "fp32"),
     "lr_decay_style": ("cosine", "linear", "constant"),
+    "fp8": ("none", "delayed", "current", "blockwise"),
 }
 
 
@@ -57,7 +59,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         if not 1 <= m.moe_topk <= m.num_experts:
             fail(f"model.moe_topk = {m.moe_topk} must be in [1, model.num_experts = {m.num_experts}]")
 
-    for name in ("tp", "pp", "ep", "cp"):
+    for name in ("tp", "pp", "ep", "etp", "cp"):
         if getattr(p, name) < 1:
             fail(f"parallelism.{name} must be >= 1")
     if p.tp > 1:
