@@ -38,7 +38,7 @@ setup:            ## make .venv and install the pinned CPU stack + the project (
 	$(MAKE) setup
 
 test: .venv/.installed  ## the CPU test suite (CI runs exactly this)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x tests; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x tests
 
 test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 	$(PY) -m pytest -q -m gpu tests

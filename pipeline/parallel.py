@@ -67,6 +67,9 @@ def initialize(recipe: Recipe) -> torch.device:
     dp = world // (p.tp * p.pp * p.cp)
     if p.ep > dp * p.cp:
         raise UserError(f"parallelism.ep = {p.ep} exceeds the data-parallel size {dp * p.cp}")
+    if (world // p.pp) % (p.ep * p.etp):
+        raise UserError(f"parallelism.ep x etp = {p.ep} x {p.etp} does not divide the {world // p.pp} ranks of a "
+                        f"pipeline stage (world size {world} / pp {p.pp})")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -74,6 +77,7 @@ def initialize(recipe: Recipe) -> torch.device:
         pipeline_model_parallel_size=p.pp,
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
     )
     seed(recipe.run.seed)
     return device

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pipeline import parallel
 from pipeline.config.load import load_recipe
 from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router import ElasticRouter
 from pipeline.elastic.subnet import Subnet
 from pipeline.model.build import build_model
@@ -61,7 +62,7 @@ def forward(model, toks=None):
 def build_parent(r, elastic: bool = False):
     """The parent (TP=1): seeded init, expert biases in [-1, -0.5) (a planted trap for expert masks)."""
     torch.manual_seed(7)
-    model = build_model(r, elastic=elastic).eval()
+    model = (build_elastic_model(r) if elastic else build_model(r)).eval()
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for mod in model.modules():
@@ -86,7 +87,8 @@ def sliced_logits(r, parent_hf: Dict[str, torch.Tensor], sub: Subnet) -> torch.T
 
 
 LAYOUTS = {
-    "tp2": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
+    "tp2": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],  # etp = 1: whole experts per TP rank
+    "tp2etp2": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.etp=2"],  # experts split
     "pp2": ["parallelism.pp=2"],
     "ep2": ["parallelism.ep=2"],
 }
@@ -147,9 +149,9 @@ def _router_grad(model, masks, r, teacher: torch.Tensor, layout: str) -> torch.T
         kd(forward(model)).backward()
         dist.send(hidden.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
     grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in router.parameters()])
-    if layout in ("tp2", "pp2"):
-        dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group() if layout == "tp2"
-                        else ps.get_pipeline_model_parallel_group())
+    if layout in ("tp2", "tp2etp2", "pp2"):
+        dist.all_reduce(grad, group=ps.get_pipeline_model_parallel_group() if layout == "pp2"
+                        else ps.get_tensor_model_parallel_group())
     if layout == "ep2":  # an expert's FFN mask acts on the expert's rank, for every rank's tokens: DDP's mean
         dist.all_reduce(grad, group=ps.get_expert_model_parallel_group())
         grad /= dist.get_world_size(ps.get_expert_model_parallel_group())
@@ -180,7 +182,7 @@ def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
     for layout in layouts:
         rl = recipe(base + LAYOUTS[layout])
         parallel.initialize(rl)
-        model = build_model(rl, elastic=True).eval()
+        model = build_elastic_model(rl).eval()
         checkpoint.load(checkpoint.resolve(ckpt), [model], load_rng=False)
         masks = ElasticMasks(model, rl.model, rl.elastic.axes, REMOVAL_ORDER)
         run = _pipeline_forward if layout == "pp2" else forward

@@ -24,14 +24,14 @@ def env():
     from pipeline import parallel
     from pipeline.elastic.masks import ElasticMasks
     from pipeline.hf.memory import hf_state_from_model
-    from pipeline.model.build import build_model
+    from pipeline.elastic.masks.spec import build_elastic_model
 
     r = recipe(["elastic.axes.depth=[8, 5]"])
     dev = parallel.initialize(r)
     tok = torch.randint(0, 512, (2, 256), generator=torch.Generator().manual_seed(3)).to(dev)
     pos = torch.arange(256, device=dev)[None].expand(2, -1)
     parent = build_parent(r)
-    elastic = build_model(r, elastic=True).eval()
+    elastic = build_elastic_model(r).eval()
     elastic.load_state_dict(parent.state_dict())
     with torch.no_grad():
         parent_logits = parent(tok, pos, None)

@@ -23,12 +23,12 @@ def env():
     from pipeline import parallel
     from pipeline.elastic.masks import ElasticMasks
     from pipeline.hf.memory import hf_state_from_model
-    from pipeline.model.build import build_model
+    from pipeline.elastic.masks.spec import build_elastic_model
 
     r = recipe(["elastic.axes.depth=[8, 5]"])
     parallel.initialize(r)
     parent = build_parent(r)
-    elastic = build_model(r, elastic=True).eval()
+    elastic = build_elastic_model(r).eval()
     elastic.load_state_dict(parent.state_dict())  # strict: the parent's checkpoint loads as is
     with torch.no_grad():
         parent_logits = forward(parent)

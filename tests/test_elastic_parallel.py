@@ -1,8 +1,10 @@
 """Elastic masks and KD under model parallelism, on 2 gloo ranks (tests/elastic_worker.py).
 
 Masked == sliced when the masked model is sharded: the parent is saved at TP=1 and loaded (resharded by
-dist_checkpointing) at TP=2 with sequence parallelism (heads, Mamba groups, FFN and expert-FFN channels
-sharded: each rank masks its own shard), at PP=2 (each stage masks and skips its own layers by their global
+dist_checkpointing) at TP=2 with sequence parallelism (heads, Mamba groups, FFN channels sharded: each rank
+masks its own shard) with whole experts per rank (expert TP = 1, Megatron-Bridge's Nano default) and with
+expert-FFN channels split too (expert TP = 2): each mask is sharded over the group its linear is partitioned
+over (TP, or expert TP for routed experts), taken from megatron's parallel state, at PP=2 (each stage masks and skips its own layers by their global
 layer number) and at EP=2 (each rank holds half the experts; the router is replicated). Every subnet's
 logits are compared with the physically sliced model's at TP=1; so is the router's gradient through a hard
 choice's masks, summed over TP ranks / PP stages. KD: the vocabulary-parallel KL at TP=2
@@ -25,10 +27,10 @@ TOL = 1e-5  # fp32; observed <= 1e-6 (docs/elastic.md)
 def masked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("elastic_parallel")
     return run_ranks("elastic_worker:masked_vs_sliced", 2, tmp,
-                     {"root": str(tmp / "runs"), "layouts": ["tp2", "pp2", "ep2"]})
+                     {"root": str(tmp / "runs"), "layouts": ["tp2", "tp2etp2", "pp2", "ep2"]})
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2etp2", "pp2", "ep2"])
 def test_masked_sharded_model_equals_sliced_reference(masked, layout):
     holders = [r[layout] for r in masked if r[layout]]  # PP: only the last stage has logits
     assert len(holders) == (1 if layout == "pp2" else 2)
@@ -40,7 +42,7 @@ def test_masked_sharded_model_equals_sliced_reference(masked, layout):
         assert not bad, f"{layout}: masked != sliced for {bad}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2etp2", "pp2", "ep2"])
 def test_router_gradient_summed_over_model_parallel_ranks_equals_single_rank(masked, layout):
     """A hard choice's KD gradient reaching the router: each TP rank / PP stage contributes its shard's or its
     layers' part (sequence parallel: its sequence shard); their sum is the single-rank gradient. Under EP an

@@ -1,7 +1,7 @@
 """Zero-shot slicing through the export path equals the masked elastic model (fp32, CPU, one process).
 
 The parent: the tiny recipe's model with a dense MLP layer added (pattern ``MEM*E-M*E``, so every width axis
-has layers), built with ``elastic=True`` from a fixed seed, every 1-D parameter perturbed (norms, A_log, D,
+has layers), built with ``build_elastic_model`` from a fixed seed, every 1-D parameter perturbed (norms, A_log, D,
 dt_bias, conv bias: a mis-sliced vector changes the logits) and negative expert biases (a masked expert must
 never be routed to). It is saved as a stage checkpoint with its ``elastic_budgets.json`` and written by
 ``export_elastic`` as the elastic checkpoint directory. Each budget reduces every axis at once and drops layers

@@ -193,10 +193,10 @@ def apply() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
         return
-    import megatron.core
+    from importlib.metadata import version as dist_version
 
-    version = megatron.core.__version__ if hasattr(megatron.core, "__version__") else "?"
-    if not version.startswith(MCORE_VERSION):
+    version = dist_version("megatron-core")  # megatron.core.__version__ carries the cwd repo's git hash
+    if version != MCORE_VERSION:
         import warnings
 
         warnings.warn(f"pipeline.compat.cpu is written for megatron-core {MCORE_VERSION}, found {version}; "

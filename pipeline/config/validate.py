@@ -72,6 +72,10 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         if "-" in m.pattern:
             _divides(fail, p.tp, m.ffn_hidden_size, "parallelism.tp", "model.ffn_hidden_size")
         _divides(fail, p.tp, m.vocab_size, "parallelism.tp", "model.vocab_size")
+    if p.etp > 1:
+        if "E" not in m.pattern:
+            fail("parallelism.etp > 1 but model.pattern has no MoE layer ('E')")
+        _divides(fail, p.etp, m.moe_ffn_hidden_size, "parallelism.etp", "model.moe_ffn_hidden_size")
     if p.ep > 1:
         if "E" not in m.pattern:
             fail("parallelism.ep > 1 but model.pattern has no MoE layer ('E')")
@@ -96,6 +100,10 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         if t.seq_length > m.max_sequence_length:
             fail(f"{stage}.training.seq_length = {t.seq_length} exceeds "
                  f"model.max_sequence_length = {m.max_sequence_length}")
+        if t.fp8 != "none" and m.backend == "local":
+            fail(f"{stage}.training.fp8 = {t.fp8} needs the Transformer Engine backend, but model.backend = local")
+        if t.fp8 != "none" and t.precision == "fp32":
+            fail(f"{stage}.training.fp8 = {t.fp8} trains with bf16 weights: set {stage}.training.precision to auto or bf16")
         if p.cp > 1 and t.seq_length % (2 * p.cp):
             fail(f"{stage}.training.seq_length must be a multiple of 2 * parallelism.cp")
 
@@ -186,8 +194,10 @@ def _validate_elastic(recipe: Recipe, fail) -> None:
                 fail(f"{key} has a non-positive choice {c}")
             if axis in widths and c % e.size_multiple:
                 fail(f"{key} choice {c} is not a multiple of elastic.size_multiple = {e.size_multiple}")
-            if axis in widths + ("attention_heads", "mamba_heads") and c % p.tp:
+            if axis in widths + ("attention_heads", "mamba_heads") and axis != "moe_ffn" and c % p.tp:
                 fail(f"{key} choice {c} is not a multiple of parallelism.tp = {p.tp}")
+            if axis == "moe_ffn" and c % p.etp:  # routed experts are split by expert-TP, not TP
+                fail(f"{key} choice {c} is not a multiple of parallelism.etp = {p.etp}")
             if axis == "attention_heads" and c % m.num_query_groups:
                 fail(f"{key} choice {c} is not a multiple of model.num_query_groups = {m.num_query_groups}")
             if axis == "mamba_heads" and c % m.mamba_num_groups:

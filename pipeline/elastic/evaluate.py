@@ -19,9 +19,9 @@ from megatron.core.transformer.module import Float16Module
 
 from pipeline.config.schema import Recipe
 from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router_slot import SLOT
 from pipeline.elastic.subnet import ResolvedBudget
-from pipeline.model.build import build_model
 from pipeline.training import checkpoint
 
 
@@ -79,7 +79,7 @@ def evaluate_budgets(recipe: Recipe, stage: str, budgets: List[ResolvedBudget], 
     t = getattr(recipe, stage).training
     mbs = t.micro_batch_size
     batches = validation_batches(recipe, stage, mbs)
-    model = build_model(recipe, dtype, elastic=True)
+    model = build_elastic_model(recipe, dtype)
     if dtype == torch.bfloat16:  # as in training: every parameter bf16 (Mamba's A_log / D too)
         model = Float16Module(model.config, model)
     masks = ElasticMasks(model, recipe.model, recipe.elastic.axes)  # subnets name their skipped layers

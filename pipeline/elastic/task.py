@@ -35,12 +35,12 @@ from megatron.core.utils import unwrap_model
 from pipeline.elastic.budget import budget_loss, target_size
 from pipeline.elastic.kd import forward_kl, sample_budget
 from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router import ElasticRouter, logit_scale_at, tau_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
 from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
 from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
-from pipeline.model.build import build_model
 from pipeline.model.params import Dims
 from pipeline.training.task import Task, token_mean
 
@@ -83,7 +83,7 @@ class ElasticTask(Task):
 
     # ---- model and optimizer
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_model(self.recipe, dtype, elastic=True)
+        model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8)
         for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
             router.frozen_expert_bias = True
         self.slot = attach(model, ElasticRouter(self.recipe.elastic, self.recipe.model), self.recipe.run.seed)
@@ -103,7 +103,7 @@ class ElasticTask(Task):
         except UserError as e:
             raise UserError(f"{self.stage}.teacher: {str(e).split(': ', 1)[-1]}") from None
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
-        self.teacher = build_teacher(self.recipe, src, bf16)
+        self.teacher = build_teacher(self.recipe, src, bf16, self.cfg.training.fp8)
         self.student = model_chunks[0]
         self.masks = ElasticMasks(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
         config = unwrap_model(self.student).config

@@ -22,9 +22,10 @@ from pipeline.model.build import build_model
 from pipeline.training import checkpoint
 
 
-def build_teacher(recipe: Recipe, ckpt: str, bf16: bool) -> torch.nn.Module:
-    """The frozen parent at ``ckpt`` (a resolved dist-checkpoint dir), this rank's pipeline stage."""
-    model = build_model(recipe, torch.bfloat16 if bf16 else torch.float32)
+def build_teacher(recipe: Recipe, ckpt: str, bf16: bool, fp8: str = "none") -> torch.nn.Module:
+    """The frozen parent at ``ckpt`` (a resolved dist-checkpoint dir), this rank's pipeline stage; ``fp8``: the
+    student's ``training.fp8`` recipe (the teacher's forward runs in FP8 too)."""
+    model = build_model(recipe, torch.bfloat16 if bf16 else torch.float32, fp8=fp8)
     checkpoint.load(ckpt, [model], load_rng=False)
     for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
         router.frozen_expert_bias = True

@@ -38,7 +38,7 @@ def meta_model(recipe: Recipe, dtype: torch.dtype):
 
     from pipeline.model.build import hybrid_model, transformer_config
 
-    config = transformer_config(recipe, dtype, use_cpu_init=True)
+    config = transformer_config(recipe, dtype, use_cpu_init=True, use_te=False)
     config.perform_initialization = False  # nothing to initialise on meta
     config.moe_grouped_gemm = False  # SequentialMLP and grouped GEMM share checkpoint keys
     with torch.device("meta"):

@@ -6,7 +6,7 @@ be initialised first (``pipeline.parallel.initialize``).
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,10 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 
 from pipeline.config.schema import Recipe
-from pipeline.model.spec import get_backend, hybrid_stack_spec, te_available
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from pipeline.errors import UserError
+from pipeline.model.spec import get_backend, hybrid_stack_spec, use_te as recipe_uses_te
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -26,10 +29,30 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"squared_relu": squared_relu, "gelu": F.gelu, "silu": F.silu}
 
 
-def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False) -> TransformerConfig:
+# training.fp8 -> megatron's fp8_recipe (TE recipes: DelayedScaling, Float8CurrentScaling, Float8BlockScaling)
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "blockwise": "blockwise"}
+
+
+def fp8_settings(fp8: str, te: bool) -> dict:
+    """TransformerConfig fields for ``training.fp8``: E4M3 forward / E5M2 backward ("hybrid"), TE's recipe."""
+    if fp8 == "none":
+        return {}
+    if not te:
+        raise UserError(f"training.fp8 = {fp8} needs the Transformer Engine backend (model.backend: te or auto "
+                        "with transformer_engine installed)")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        raise UserError(f"training.fp8 = {fp8} needs a GPU with FP8 tensor cores (Ada/Hopper or newer); found {found}")
+    return {"fp8": "hybrid", "fp8_recipe": FP8_RECIPES[fp8]}
+
+
+def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False,
+                       use_te: Optional[bool] = None, fp8: str = "none") -> TransformerConfig:
     m, p = recipe.model, recipe.parallelism
     has_moe = "E" in m.pattern
     bf16 = dtype == torch.bfloat16
+    te = recipe_uses_te(m) if use_te is None else use_te
+    quant = fp8_settings(fp8, te)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -65,11 +88,14 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type=p.moe_token_dispatcher,
-        moe_grouped_gemm=te_available() and has_moe,
+        moe_grouped_gemm=te and has_moe,
+        # FP8 grouped GEMMs need every expert's token count padded to a multiple of 16
+        moe_router_padding_for_quantization=bool(quant) and has_moe,
         # parallelism
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
         context_parallel_size=p.cp,
         sequence_parallel=p.tp > 1 and p.sequence_parallel,
         recompute_granularity="full" if p.recompute == "full" else None,
@@ -79,6 +105,7 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
+        **quant,
         # kernels that need apex / TE stay off without them
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -103,13 +130,18 @@ def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
     return "|".join(out)
 
 
+SpecTransform = Callable[[ModuleSpec], ModuleSpec]
+
+
 def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_process: bool,
-                 post_process: bool, elastic: bool = False) -> HybridModel:
+                 post_process: bool, spec_transform: Optional[SpecTransform] = None) -> HybridModel:
     """The HybridModel for this recipe and config (no device placement; import builds it on meta).
-    ``elastic``: the same model with nested-mask submodules (``pipeline.elastic.masks.ElasticMasks``)."""
+    ``spec_transform`` derives another stack spec from the base one (the elastic model's nested masks:
+    ``pipeline.elastic.masks.build_elastic_model``)."""
     m, p = recipe.model, recipe.parallelism
-    spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size,
-                             elastic=elastic)
+    spec = hybrid_stack_spec(get_backend(use_te), m.num_experts, m.mamba_conv_kernel, m.mamba_chunk_size)
+    if spec_transform is not None:
+        spec = spec_transform(spec)
     return HybridModel(
         config=config,
         hybrid_stack_spec=spec,
@@ -124,15 +156,17 @@ def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_pr
 
 
 def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
-                use_te=None, elastic: bool = False) -> HybridModel:
-    use_te = te_available() if use_te is None else use_te
+                use_te: Optional[bool] = None, spec_transform: Optional[SpecTransform] = None,
+                fp8: str = "none") -> HybridModel:
+    """This rank's model chunk. ``use_te`` None = ``model.backend``; ``fp8``: a ``training.fp8`` recipe name."""
+    use_te = recipe_uses_te(recipe.model) if use_te is None else use_te
     cpu = not torch.cuda.is_available()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = hybrid_model(recipe, transformer_config(recipe, dtype, use_cpu_init=cpu), use_te, pre_process,
-                         post_process, elastic=elastic)
+    config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8)
+    model = hybrid_model(recipe, config, use_te, pre_process, post_process, spec_transform=spec_transform)
     if not cpu:
         model.cuda()
     return model

@@ -1,8 +1,8 @@
 """ModuleSpecs of the Nemotron-H hybrid stack, built from a megatron-core ``BackendSpecProvider``.
 
 Two backends, one spec function: Transformer Engine (``TESpecProvider``: fused norm+linear, TE attention,
-grouped-GEMM experts) when ``transformer_engine`` imports, otherwise the local backend (megatron's
-``LocalSpecProvider`` with our sequence-parallel-capable ``RMSNorm``). 0.19.x hard-wires the hybrid stack's
+grouped-GEMM experts) or the local backend (megatron's ``LocalSpecProvider`` with our sequence-parallel-capable
+``RMSNorm``), chosen by ``model.backend`` (auto = TE when ``transformer_engine`` imports). 0.19.x hard-wires the hybrid stack's
 final norm to ``TENorm``; ``HybridStack`` below takes it from the spec instead.
 """
 
@@ -28,11 +28,21 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from pipeline.errors import UserError
 from pipeline.model.norm import RMSNorm
 
 
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_te(model_cfg) -> bool:
+    """``model.backend``: te | local | auto (TE when ``transformer_engine`` imports)."""
+    backend = getattr(model_cfg, "backend", "auto")
+    if backend == "te" and not te_available():
+        raise UserError("model.backend = te but transformer_engine is not importable (install transformer-engine, "
+                        "or use model.backend: local)")
+    return backend == "te" or (backend == "auto" and te_available())
 
 
 class LocalBackend(LocalSpecProvider):
@@ -67,77 +77,63 @@ class HybridStack(_McoreHybridStack):
             )
 
 
-def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int, d_conv: int, chunk_size: int,
-                      elastic: bool = False) -> ModuleSpec:
+def hybrid_stack_spec(backend: BackendSpecProvider, num_experts: int, d_conv: int, chunk_size: int) -> ModuleSpec:
     """The stack spec for layer symbols M (Mamba-2), * (attention), E (MoE), - (dense MLP).
 
-    ``elastic=True``: the same modules with nested masks (pipeline/elastic/masks/modules.py): same parameters
-    and checkpoint keys, the parent's function while no mask is set. Norms are unfused there (the masked
-    norm needs the active-channel count), so with TE the pre-norms are our RMSNorm before a plain linear."""
-    E = None
-    if elastic:
-        from pipeline.elastic.masks.spec import elastic_classes  # lazy: pipeline.elastic imports pipeline.model
-
-        E = elastic_classes()
-    norm = E.norm if elastic else backend.layer_norm(rms_norm=True)
-    fused = backend.fuse_layernorm_and_linear() and not elastic
+    With TE the pre-norms of Mamba, attention and dense MLP layers fuse into the next linear
+    (``TELayerNormColumnParallelLinear``); the local backend keeps a separate norm whose checkpoint key is mapped
+    to the fused name, so both backends read and write the same dist-checkpoint keys. The elastic model derives
+    its spec from this one (``pipeline.elastic.masks.spec.elastic_stack_spec``)."""
+    norm = backend.layer_norm(rms_norm=True)
+    fused = backend.fuse_layernorm_and_linear()
     col, row = backend.column_parallel_linear(), backend.row_parallel_linear()
-    masked_row = E.input_masked(row) if elastic else row  # attention heads / FFN channels on its input
-    bda = ModuleSpec(module=E.bda) if elastic else get_bias_dropout_add
-    # With TE the pre-norms fuse into the next linear; checkpoints keep one naming via keys maps.
     in_col = backend.column_parallel_layer_norm_linear() if fused else col
 
     mamba_layer = ModuleSpec(
-        module=E.mamba_layer if elastic else MambaLayer,
+        module=MambaLayer,
         submodules=MambaLayerSubmodules(
             norm=IdentityOp if fused else norm,
             mixer=ModuleSpec(
-                module=E.mamba_mixer if elastic else MambaMixer,
+                module=MambaMixer,
                 params={"d_conv": d_conv, "chunk_size": chunk_size},
                 submodules=MambaMixerSubmodules(in_proj=in_col, out_proj=row),
             ),
-            mamba_bda=bda,
+            mamba_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={} if fused else {"norm.": "mixer.in_proj.layer_norm_"},
         ),
     )
     attention_layer = ModuleSpec(
-        module=E.attention_layer if elastic else TransformerLayer,
+        module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused else norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=in_col, core_attention=backend.core_attention(), linear_proj=masked_row,
+                    linear_qkv=in_col, core_attention=backend.core_attention(), linear_proj=row,
                     q_layernorm=IdentityOp, k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=bda,
+            self_attn_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={} if fused else {
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
         ),
     )
     mlp_layer = ModuleSpec(
-        module=E.mlp_layer if elastic else MLPLayer,
+        module=MLPLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=IdentityOp if fused else norm,
-            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=in_col, linear_fc2=masked_row)),
-            mlp_bda=bda,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=in_col, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={} if fused else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
-    # grouped GEMM whenever TE is the backend (a property of the backend, not of the norm fusion)
-    moe = get_moe_module_spec_for_backend(backend, num_experts=num_experts,
-                                          moe_grouped_gemm=backend.fuse_layernorm_and_linear())
-    if elastic:
-        moe = E.moe(moe)
+    # TE: grouped-GEMM experts (megatron's local backend has only sequential experts; same checkpoint keys)
+    grouped = not isinstance(backend, LocalSpecProvider)
+    moe = get_moe_module_spec_for_backend(backend, num_experts=num_experts, moe_grouped_gemm=grouped)
     moe_layer = ModuleSpec(
-        module=E.moe_layer if elastic else MoETransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            mlp=moe,
-            mlp_bda=bda,
-        ),
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=moe, mlp_bda=get_bias_dropout_add),
     )
     return ModuleSpec(
         module=HybridStack,

@@ -153,9 +153,10 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     if load_rng and same_world:
         sd["rng"] = _rank_object("rng_state", None)
     try:
-        loaded = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        loaded, ckpt_only, model_only = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.RETURN_ALL)
     except Exception as e:  # a checkpoint of another model: name the tensor that does not fit
         raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
+    _check_accounted(ckpt, ckpt_only, model_only, missing_ok, model_only_load=optimizer is None)
     for i, m in enumerate(model_chunks):
         missing, unexpected = unwrap_model(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and not any(s in k for s in missing_ok)]
@@ -168,6 +169,27 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     if "rng" in loaded:
         set_rng_state(loaded["rng"])
     return common.get("state", {})
+
+
+def _is_backend_state(key: str) -> bool:
+    """Transformer Engine's per-module ``_extra_state`` (FP8 scaling metadata): a local-backend checkpoint has none,
+    a local-backend model reads none; everything else must match across the two layouts."""
+    return key.split("/")[0].endswith("_extra_state")
+
+
+def _check_accounted(ckpt: str, ckpt_only, model_only, missing_ok: Tuple[str, ...], model_only_load: bool) -> None:
+    """Every tensor accounted for, both ways: a parameter the checkpoint does not hold stays uninitialised, and a
+    checkpoint tensor the model does not read is a weight lost (a norm under a name the other layout maps
+    differently) — either is an error, never a warning."""
+    allowed = lambda key: _is_backend_state(key) or any(s in key for s in missing_ok)  # noqa: E731
+    lacking = sorted(k for k in model_only if not allowed(k))
+    if lacking:
+        raise UserError(f"{ckpt}: checkpoint lacks {len(lacking)} tensor(s) of this model, e.g. {lacking[0]}")
+    skip_state = lambda key: model_only_load and (key.startswith("optimizer") or key.startswith("rng_state"))  # noqa: E731
+    unread = sorted(k for k in ckpt_only if not allowed(k) and not skip_state(k) and not k.startswith("rng_state"))
+    if unread:
+        raise UserError(f"{ckpt}: {len(unread)} checkpoint tensor(s) would not be loaded into this model, "
+                        f"e.g. {unread[0]}")
 
 
 def _init_adam_steps(optimizer) -> None:

@@ -24,6 +24,7 @@ from pipeline import parallel
 from pipeline.config.load import recipe_to_dict
 from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
+from pipeline.model.spec import use_te as recipe_uses_te
 from pipeline.training import checkpoint, metrics
 from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
 from pipeline.training.task import Task
@@ -97,7 +98,8 @@ class Trainer:
         p = self.recipe.parallelism
         n_params = sum(p_.numel() for p_ in model.parameters())
         self.log(f"{self.recipe.run.name}: {n_params:,} parameters on this rank | tp {p.tp} pp {p.pp} ep {p.ep} "
-                 f"cp {p.cp} dp {self.dp} | {self.device.type} {'bf16' if self.bf16 else 'fp32'} | "
+                 f"cp {p.cp} dp {self.dp} | {self.device.type} {'bf16' if self.bf16 else 'fp32'}"
+                 f"{'' if t.fp8 == 'none' else ' fp8-' + t.fp8} {'te' if recipe_uses_te(self.recipe.model) else 'local'} | "
                  f"{t.train_iters} steps x {t.global_batch_size} x {t.seq_length} tokens ({t.data})")
 
     def task_batches(self, consumed: int):
@@ -137,8 +139,6 @@ class Trainer:
             self.iteration += 1
             self.consumed += t.global_batch_size
             timer.tick()
-            if writer:
-                writer.write(self.iteration, values)
             if self.iteration % self.recipe.logging.log_interval == 0 or self.iteration == t.train_iters:
                 step_time = timer.take()
                 tokens = t.global_batch_size * t.seq_length / step_time / dist.get_world_size()
@@ -149,6 +149,8 @@ class Trainer:
                 eta = (time.perf_counter() - start_time) / done * (t.train_iters - self.iteration)
                 extra = " | ".join(x for x in (self.task.log_extra(values), f"eta {metrics.fmt_eta(eta)}") if x)
                 self.log(metrics.log_line(self.iteration, t.train_iters, values, extra), logger_rank=True)
+            if writer:  # after the log step's throughput, MFU and memory are in values
+                writer.write(self.iteration, values)
             if self._stop_requested():
                 self.save()
                 self.log(f"preempted: saved iter {self.iteration}", logger_rank=True)

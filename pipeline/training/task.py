@@ -26,7 +26,7 @@ class Task(abc.ABC):
         self.stage = stage
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        return build_model(self.recipe, dtype)
+        return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8)
 
     def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
         """Called once the model is wrapped and weights are loaded (teachers, routers...)."""

@@ -40,7 +40,7 @@ def scoring_model(recipe: Recipe, dtype: torch.dtype) -> torch.nn.Module:
     from pipeline.model.build import hybrid_model, transformer_config
 
     cpu = not torch.cuda.is_available()
-    config = transformer_config(recipe, dtype, use_cpu_init=cpu)
+    config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=False)
     config.moe_grouped_gemm = False  # sequential experts: one module per expert to hook
     model = hybrid_model(recipe, config, use_te=False, pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage())

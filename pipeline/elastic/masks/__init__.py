@@ -1,7 +1,7 @@
 """Nested masks on one model chunk: the elastic model computes any subnet of the parent, hard or soft.
 
 ``ElasticMasks(chunk, model_cfg, axes, removal_order)`` attaches to one pipeline stage's HybridModel built
-with ``build_model(..., elastic=True)`` and sets the mask attributes of its elastic submodules
+with ``build_elastic_model`` (``spec.py``; either backend) and sets the mask attributes of its elastic submodules
 (``modules.py``); it owns no parameters. Layers are addressed by their own global ``layer_number``, so each
 pipeline stage applies exactly its layers' part of the subnet. Where each axis is masked (docs/elastic.md):
 
@@ -16,10 +16,12 @@ pipeline stage applies exactly its layers' part of the subnet. Where each axis i
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Dict, Optional, Sequence
 
 import torch
 
+from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
 
 from pipeline.config.schema import ElasticAxes, ModelConfig
@@ -28,6 +30,19 @@ from pipeline.elastic.router import Choice, keep_table, kind_layers, removed_lay
 from pipeline.elastic.subnet import LAYER_AXES, Subnet
 
 Plan = Dict[str, Dict[int, Optional[torch.Tensor]]]  # axis -> layer (-1: model-wide) -> unit weights
+
+# where each layer kind's pre-norm is: a separate norm (local backend) or fused into the first linear (TE)
+PRE_NORMS = {"M": ("norm", "mixer.in_proj"), "*": ("input_layernorm", "self_attention.linear_qkv"),
+             "-": ("pre_mlp_layernorm", "mlp.linear_fc1"), "E": ("pre_mlp_layernorm",)}
+
+
+def pre_norm(layer, sym: str):
+    """The module of ``layer`` that normalises the residual stream (it carries the hidden mask)."""
+    for path in PRE_NORMS[sym]:
+        module = attrgetter(path)(layer)
+        if hasattr(module, "set_hidden_mask"):
+            return module
+    raise ValueError(f"layer {layer.layer_number} ({sym}) has no elastic pre-norm: build it with build_elastic_model")
 
 
 def _mask_output(module, inputs, output):
@@ -44,7 +59,8 @@ class ElasticMasks:
         self.layers = [(layer.layer_number - 1, sym, layer)
                        for sym, layer in zip(decoder.layer_type_list, decoder.layers)]
         if not all(isinstance(layer, SkippableLayer) for _, _, layer in self.layers):
-            raise ValueError("ElasticMasks needs a model built with build_model(..., elastic=True)")
+            raise ValueError("ElasticMasks needs a model built with pipeline.elastic.masks.spec.build_elastic_model")
+        self.pre_norms = {index: pre_norm(layer, sym) for index, sym, layer in self.layers}
         self.device = next(model.parameters()).device
         self.embedding = model.embedding if model.pre_process else None
         self.final_norm = decoder.final_norm if model.post_process and decoder.post_layer_norm else None
@@ -55,13 +71,14 @@ class ElasticMasks:
     # ---- public API
     def clear(self) -> None:
         """No masks anywhere: the parent's function, through the parent's code path."""
-        self._apply({}, {}, set(), None)
+        self._apply({}, {}, set(), None, float(self.m.hidden_size))
 
     def set_subnet(self, subnet: Subnet) -> None:
         """Exact hard masks (weights 0/1) of a fixed subnet."""
         subnet.check(self.m)
         plan: Plan = {}
         share: Dict[int, float] = {}
+        active = float(subnet.size("hidden", -1))
         for axis in ("hidden",) + LAYER_AXES:
             n, groups = self._units(axis)
             layers = [-1] if axis == "hidden" else kind_layers(self.m, axis)
@@ -70,12 +87,13 @@ class ElasticMasks:
                           for layer, k in sizes.items()}
             if axis == "mamba_heads":
                 share = {layer: k / n for layer, k in sizes.items()}
-        self._apply(plan, share, set(subnet.skip_layers), None)
+        self._apply(plan, share, set(subnet.skip_layers), None, active)
 
     def set_choice(self, choice: Choice) -> None:
         """Masks of the router's choice: hard (argmax, straight-through) or soft (mixture of prefixes)."""
         plan: Plan = {}
         share: Dict[int, float] = {}
+        active = float(self.m.hidden_size)
         for axis, a in choice.axes.items():
             if list(a.sizes) != list(getattr(self.axes, axis)):
                 raise ValueError(f"choice sizes {a.sizes} for {axis} are not elastic.axes.{axis} = "
@@ -91,6 +109,8 @@ class ElasticMasks:
             if axis == "mamba_heads":  # the kept share of each group, on the host (the kernel's eps is a number)
                 s = (q.detach().cpu().double() @ sizes.cpu().double()) / n
                 share = {layer: float(s if s.dim() == 0 else s[row]) for row, layer in enumerate(layers)}
+            if axis == "hidden":  # active channels, on the host (eps of a fused TE norm is a number)
+                active = float(q.detach().cpu().double() @ sizes.cpu().double())
         skip, layer_weights = set(), None
         if "depth" in choice.axes:
             a = choice.axes["depth"]
@@ -99,7 +119,7 @@ class ElasticMasks:
             if choice.hard:
                 kept = a.sizes[int(a.probs.detach().argmax())]
                 skip = set(removed_layers(self.m.num_layers, kept, self.removal_order))
-        self._apply(plan, share, skip, layer_weights)
+        self._apply(plan, share, skip, layer_weights, active)
 
     # ---- internals
     def _units(self, axis: str):
@@ -116,40 +136,43 @@ class ElasticMasks:
         """Per-group head weights -> channel weights over all heads (group-major head order)."""
         return None if unit is None else unit.repeat(groups).repeat_interleave(head_dim)
 
-    def _apply(self, plan: Plan, share: Dict[int, float], skip: set, layer_weights) -> None:
+    def _apply(self, plan: Plan, share: Dict[int, float], skip: set, layer_weights, active: float) -> None:
         m = self.m
         get = lambda axis, layer: plan.get(axis, {}).get(layer)  # noqa: E731
+        # shard groups from megatron's parallel state (TE nulls some modules' own tp_group)
+        tp, etp = ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group()
         hidden = get("hidden", -1)
         if self.embedding is not None:
             self.embedding.elastic_mask = hidden
         if self.final_norm is not None:
-            self.final_norm.elastic_mask = hidden
+            self.final_norm.set_hidden_mask(hidden, active)
         for index, sym, layer in self.layers:
             layer.elastic_skip = index in skip
             delta = hidden
             if layer_weights is not None:
                 delta = layer_weights[index] if hidden is None else hidden * layer_weights[index]
+            self.pre_norms[index].set_hidden_mask(hidden, active)
             if sym == "M":
-                layer.norm.elastic_mask, layer.mamba_bda.elastic_mask = hidden, delta
+                layer.mamba_bda.elastic_mask = delta
                 heads = self._heads(get("mamba_heads", index), m.mamba_num_groups, m.mamba_head_dim)
-                layer.mixer.norm.set_elastic_mask(heads, share.get(index, 1.0))
+                layer.mixer.norm.set_elastic_mask(heads, share.get(index, 1.0), group=tp)
             elif sym == "*":
-                layer.input_layernorm.elastic_mask, layer.self_attn_bda.elastic_mask = hidden, delta
+                layer.self_attn_bda.elastic_mask = delta
                 heads = self._heads(get("attention_heads", index), m.num_query_groups, m.attention_head_dim)
-                layer.self_attention.linear_proj.set_elastic_mask(heads)
+                layer.self_attention.linear_proj.set_elastic_mask(heads, group=tp)
             else:
-                layer.pre_mlp_layernorm.elastic_mask, layer.mlp_bda.elastic_mask = hidden, delta
+                layer.mlp_bda.elastic_mask = delta
                 if sym == "-":
-                    layer.mlp.linear_fc2.set_elastic_mask(get("ffn", index))
+                    layer.mlp.linear_fc2.set_elastic_mask(get("ffn", index), group=tp)
                 else:
                     self._apply_moe(layer.mlp, get("experts", index), get("moe_ffn", index),
-                                    get("shared_expert_ffn", index))
+                                    get("shared_expert_ffn", index), tp, etp)
 
     @staticmethod
-    def _apply_moe(moe, experts, moe_ffn, shared_ffn) -> None:
+    def _apply_moe(moe, experts, moe_ffn, shared_ffn, tp, etp) -> None:
         moe.router.elastic_mask = experts
-        for linear in moe.experts.modules():  # every local expert's fc2 (or the grouped fc2)
+        for linear in moe.experts.modules():  # every local expert's fc2 (or the grouped fc2): expert-TP shards
             if isinstance(linear, InputMasked):
-                linear.set_elastic_mask(moe_ffn)
-        if moe.shared_experts is not None:
-            moe.shared_experts.linear_fc2.set_elastic_mask(shared_ffn)
+                linear.set_elastic_mask(moe_ffn, group=etp)
+        if moe.shared_experts is not None:  # the shared expert is a dense MLP: TP shards
+            moe.shared_experts.linear_fc2.set_elastic_mask(shared_ffn, group=tp)

@@ -1,4 +1,4 @@
-"""Elastic submodules of the hybrid stack spec (``hybrid_stack_spec(..., elastic=True)``).
+"""Elastic submodules of the hybrid stack spec (``spec.elastic_stack_spec``).
 
 Each one carries the mask it applies as a plain attribute, ``None`` meaning the parent's computation
 (bit-exact, the same code path); none adds a parameter, buffer or state-dict entry, so a parent checkpoint
@@ -25,16 +25,16 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from pipeline.model.norm import RMSNorm
 
 
-def local_shard(full: torch.Tensor, tp_group) -> torch.Tensor:
-    """This TP rank's contiguous shard of a mask over a TP-partitioned dimension."""
-    size = get_pg_size(tp_group)
-    return full.view(size, -1)[get_pg_rank(tp_group)] if size > 1 else full
+def local_shard(full: torch.Tensor, group) -> torch.Tensor:
+    """This rank's contiguous shard of a mask over a dimension partitioned across ``group`` (None: unsharded)."""
+    size = get_pg_size(group) if group is not None else 1
+    return full.view(size, -1)[get_pg_rank(group)] if size > 1 else full
 
 
 def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor) -> torch.Tensor:
     """RMSNorm of a residual stream that is zero where ``mask`` is: the mean square is taken over the active
     channels (sum / sum(mask)), so it equals the RMSNorm of the sliced k-channel vector. Equivalently
-    rms_full(x; eps * k/d) * sqrt(d/k) (the form for a fused norm kernel)."""
+    rms_full(x; eps * k/d) * sqrt(d/k) (the form ``EpsScaledNorm`` uses for kernels that take eps as a number)."""
     xf = x.float()
     count = mask.float().sum()
     y = xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / count + eps)
@@ -42,14 +42,71 @@ def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: tor
 
 
 class ElasticRMSNorm(RMSNorm):
-    """The residual-stream RMSNorm (pre-norms, final norm); ``elastic_mask`` = hidden channel weights."""
+    """The local backend's residual-stream RMSNorm (pre-norms, final norm); ``elastic_mask`` = hidden channel
+    weights. The statistic is taken over the active channels exactly (the router's gradient included)."""
 
     elastic_mask = None
+
+    def set_hidden_mask(self, mask, active: float = 0.0) -> None:
+        self.elastic_mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.elastic_mask is None:
             return super().forward(x)
         return masked_rms_norm(x, self.weight, self.eps, self.elastic_mask)
+
+
+class EpsScaledNorm:
+    """A hidden mask folded into a norm kernel that takes eps as a number: Transformer Engine's RMSNorm and its
+    fused norm + linear (``TELayerNormColumnParallelLinear``), which stay fused. With the stream zero beyond
+    k = ``active`` of d channels, RMSNorm_k(x) = sqrt(k/d) * RMSNorm_d(x; eps * k/d), and the linear after the
+    norm commutes with the scalar, so the module runs unchanged at eps * k/d and its output is scaled by
+    sqrt(sum(mask)/d). The router's gradient reaches the mask through that scale (the eps term's share,
+    eps / mean(x^2) ~ 1e-5, is not differentiated: eps is a host number in the kernel)."""
+
+    elastic_mask = None
+    elastic_active = 0.0
+
+    def set_hidden_mask(self, mask, active: float = 0.0) -> None:
+        self.elastic_mask, self.elastic_active = mask, float(active)
+
+    def forward(self, x, *args, **kwargs):
+        mask = self.elastic_mask
+        if mask is None:
+            return super().forward(x, *args, **kwargs)
+        d = mask.numel()
+        eps = self.eps
+        self.eps = eps * self.elastic_active / d
+        try:
+            out = super().forward(x, *args, **kwargs)
+        finally:
+            self.eps = eps
+        scale = torch.sqrt(mask.float().sum() / d)
+        if isinstance(out, tuple):  # megatron's linears return (output, bias)
+            y, bias = out
+            return y * scale.to(y.dtype), None if bias is None else bias * scale.to(bias.dtype)
+        return out * scale.to(out.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def eps_scaled(cls: type) -> type:
+    """``EpsScaledNorm`` over a norm or fused norm + linear class (TE's)."""
+    return type(f"Elastic{cls.__name__}", (EpsScaledNorm, cls), {"__module__": __name__})
+
+
+def elastic_norm(norm_cls):
+    """The hidden-masked form of a backend's residual-stream norm. Our RMSNorm has an exact masked form; other
+    norms (TENorm, a factory that returns ``te.pytorch.RMSNorm``) get the eps-scaled form by a class swap of the
+    built module: same parameters, same state dict."""
+    if isinstance(norm_cls, type) and issubclass(norm_cls, RMSNorm):
+        return ElasticRMSNorm
+
+    def build(*args, **kwargs):
+        module = norm_cls(*args, **kwargs)
+        module.__class__ = eps_scaled(type(module))
+        return module
+
+    return build
 
 
 class InputMasked:
@@ -60,8 +117,11 @@ class InputMasked:
 
     elastic_mask = None  # this rank's shard of the input-feature weights
 
-    def set_elastic_mask(self, full) -> None:
-        self.elastic_mask = None if full is None else local_shard(full, getattr(self, "tp_group", None))
+    def set_elastic_mask(self, full, group=None) -> None:
+        """``group``: the group the input features are partitioned over, from megatron's parallel state (TP for
+        attention / dense / shared-expert linears, expert-TP for routed experts): never the module's own
+        ``tp_group``, which TE leaves None for grouped expert linears."""
+        self.elastic_mask = None if full is None else local_shard(full, group)
 
     def forward(self, x, *args, **kwargs):
         if self.elastic_mask is not None:
@@ -83,8 +143,8 @@ class GroupMaskedGatedNorm:
     elastic_mask = None  # this rank's channel weights over d_inner
     elastic_share = 1.0  # r as a float (host side; the kernel takes eps as a number)
 
-    def set_elastic_mask(self, full, share: float = 1.0) -> None:
-        self.elastic_mask = None if full is None else local_shard(full, getattr(self, "tp_group", None))
+    def set_elastic_mask(self, full, share: float = 1.0, group=None) -> None:
+        self.elastic_mask = None if full is None else local_shard(full, group)
         self.elastic_share = share
 
     def forward(self, x, z=None):

@@ -1,0 +1,79 @@
+"""FP8 vs bf16 training through Transformer Engine: pretrain and stage 1 of one recipe, side by side.
+
+    python bench/bench_fp8.py --root /tmp/fp8 [--recipe recipes/proxy_1b.yaml] [--fp8 delayed] [--steps 100]
+
+Runs the CLI as users do (one process per run, same seed, same synthetic stream): pretrain in bf16 and in FP8;
+the importance stage once on the bf16 parent; stage 1 from that permuted parent in bf16 and in FP8 (student and
+teacher in FP8). Prints, per stage and precision, tokens/s/GPU (median of the logged intervals after the first,
+which holds compilation and autotuning), the loss at the last step and its mean over the last 10 steps, and
+FP8's relative difference to bf16. Needs a GPU with FP8 (Hopper) and transformer_engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(stage: str, recipe: str, *args: str) -> None:
+    cmd = [sys.executable, "-m", "pipeline", stage, "--recipe", recipe, *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    tail = [line for line in proc.stdout.splitlines() if " step " in line][-2:]
+    print("\n".join(tail), flush=True)
+    if proc.returncode:
+        sys.exit(f"{stage} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def summary(stage_dir: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(stage_dir, "logs", "metrics.jsonl"))]
+    speeds = [r["tokens_per_s_per_gpu"] for r in rows if "tokens_per_s_per_gpu" in r][1:]
+    return {"tokens_per_s": statistics.median(speeds) if speeds else float("nan"), "last_step": rows[-1]["step"],
+            "loss_last": rows[-1]["loss"], "loss_last10": statistics.mean(r["loss"] for r in rows[-10:]),
+            "mem_gib": max((r.get("mem_gib", 0.0) for r in rows), default=0.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "proxy_1b.yaml"))
+    ap.add_argument("--root", required=True, help="run root for the four runs")
+    ap.add_argument("--fp8", default="delayed", choices=["delayed", "current", "blockwise"])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--stages", nargs="+", default=["pretrain", "stage1"], choices=["pretrain", "stage1"])
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides for every run")
+    args = ap.parse_args()
+    common = [f"run.root={args.root}", f"training.train_iters={args.steps}", "logging.log_interval=10",
+              f"checkpointing.save_interval={args.steps}", *args.overrides]
+    runs = {"bf16": "bench_bf16", "fp8": "bench_fp8"}
+    results = {}
+    for precision, name in runs.items():
+        fp8 = "none" if precision == "bf16" else args.fp8
+        cli("pretrain", args.recipe, *common, f"run.name={name}", f"pretrain.training.fp8={fp8}")
+        results[("pretrain", precision)] = summary(os.path.join(args.root, name, "pretrain"))
+    if "stage1" in args.stages:
+        parent = os.path.join(args.root, runs["bf16"], "importance", "checkpoints")
+        cli("importance", args.recipe, *common, f"run.name={runs['bf16']}")
+        for precision, name in runs.items():
+            fp8 = "none" if precision == "bf16" else args.fp8
+            cli("stage1", args.recipe, *common, f"run.name={name}", f"stage1.training.fp8={fp8}",
+                f"stage1.teacher={parent}", f"stage1.training.init_from={parent}")
+            results[("stage1", precision)] = summary(os.path.join(args.root, name, "stage1"))
+    print(f"\n| stage | precision | tokens/s/GPU | loss @ step {args.steps} | mean loss, last 10 steps | "
+          f"FP8 vs bf16 (last 10) | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for (stage, precision), r in results.items():
+        base = results[(stage, "bf16")]["loss_last10"]
+        rel = "" if precision == "bf16" else f"{(r['loss_last10'] - base) / base:+.2%}"
+        print(f"| {stage} | {precision if precision == 'bf16' else 'fp8-' + args.fp8} | {r['tokens_per_s']:,.0f} | "
+              f"{r['loss_last']:.4f} | {r['loss_last10']:.4f} | {rel} | {r['mem_gib']:.1f} |")
+    print(json.dumps({f"{s}/{p}": r for (s, p), r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
