@@ -174,7 +174,7 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
 def _is_backend_state(key: str) -> bool:
     """Transformer Engine's per-module ``_extra_state`` (FP8 scaling metadata): a local-backend checkpoint has none,
     a local-backend model reads none; everything else must match across the two layouts."""
-    return key.split("/")[0].endswith("_extra_state")
+    return "._extra_state" in key
 
 
 def _check_accounted(ckpt: str, ckpt_only, model_only, missing_ok: Tuple[str, ...], model_only_load: bool) -> None:
