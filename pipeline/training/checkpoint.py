@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -177,6 +178,12 @@ def _is_backend_state(key: str) -> bool:
     return "._extra_state" in key
 
 
+def _is_training_state(key: str) -> bool:
+    """Optimizer (plain, distributed, or megatron's ChainedOptimizer's ``chained_N.`` prefix) and RNG state: what a
+    model-only load leaves in the checkpoint on purpose."""
+    return re.match(r"(chained_\d+\.)?optimizer\b|rng_state", key) is not None
+
+
 def _check_accounted(ckpt: str, ckpt_only, model_only, missing_ok: Tuple[str, ...], model_only_load: bool) -> None:
     """Every tensor accounted for, both ways: a parameter the checkpoint does not hold stays uninitialised, and a
     checkpoint tensor the model does not read is a weight lost (a norm under a name the other layout maps
@@ -185,7 +192,7 @@ def _check_accounted(ckpt: str, ckpt_only, model_only, missing_ok: Tuple[str, ..
     lacking = sorted(k for k in model_only if not allowed(k))
     if lacking:
         raise UserError(f"{ckpt}: checkpoint lacks {len(lacking)} tensor(s) of this model, e.g. {lacking[0]}")
-    skip_state = lambda key: model_only_load and (key.startswith("optimizer") or key.startswith("rng_state"))  # noqa: E731
+    skip_state = lambda key: model_only_load and _is_training_state(key)  # noqa: E731
     unread = sorted(k for k in ckpt_only if not allowed(k) and not skip_state(k) and not k.startswith("rng_state"))
     if unread:
         raise UserError(f"{ckpt}: {len(unread)} checkpoint tensor(s) would not be loaded into this model, "
