@@ -40,6 +40,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
         ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=120, zorder=4)
     ax.set_xlabel("wall time per problem (s)")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

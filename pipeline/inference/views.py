@@ -164,3 +164,20 @@ def same_storage(a: nn.Module, b: nn.Module) -> Optional[str]:
         if t.untyped_storage().data_ptr() not in held:
             return name
     return None
+
+
+def effective_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Name -> the tensor the model computes with (a parametrized weight as its gathered value), as a plain
+    model's ``state_dict`` would name it."""
+    out: Dict[str, torch.Tensor] = {}
+    for prefix, m in model.named_modules():
+        if ".parametrizations." in f".{prefix}." or prefix.endswith("parametrizations"):
+            continue
+        names = list(m._parameters) + list(m._buffers)
+        if parametrize.is_parametrized(m):
+            names += list(m.parametrizations)
+        for leaf in names:
+            t = getattr(m, leaf)
+            if t is not None:
+                out[f"{prefix}.{leaf}" if prefix else leaf] = t
+    return out
