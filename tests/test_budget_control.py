@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY
 from test_hf_roundtrip import make_hf_parent, recipe_for
 from test_slicing import budget_subnet
 
@@ -152,7 +152,9 @@ def test_special_tokens_and_prompt_come_from_the_tokenizer(family):
 
     tok = family.tokenizer
     sp = special_tokens(tok)
-    assert family.full.config.eos_token_id not in (None, tok.eos_token_id) or True  # config defaults are ignored
+    # config.json holds transformers' defaults (eos 2 = <|im_start|> here, pad 0 = <|endoftext|>): not used
+    assert family.base_cfg["eos_token_id"] == 2 and tok.convert_ids_to_tokens(2) == "<|im_start|>"
+    assert 2 not in sp.stop
     assert tok.convert_ids_to_tokens(sp.think_close) == THINK_CLOSE
     assert {tok.convert_ids_to_tokens(i) for i in sp.stop} == {"<|endoftext|>", "<|im_end|>"}
     assert sp.pad == tok.pad_token_id
@@ -160,21 +162,35 @@ def test_special_tokens_and_prompt_come_from_the_tokenizer(family):
     assert text.endswith("<|im_start|>assistant\n<think>\n") and "What is 2 + 2?" in text
 
 
-def test_generate_cli_streams_think_and_answer(elastic):
-    p = run_cli("generate", "--checkpoint", elastic["dir"], "--think", "small", "--answer", "full",
-                "--think-tokens", "6", "--max-new-tokens", "4", "--prompt", "Sort the list [3, 1, 2].",
-                "--do-sample", "--temperature", "0.7", "--top-k", "20", "--seed", "3")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("<think>\n") and "</think>" in p.stdout
-    summary = p.stderr.strip().splitlines()[-1]
+def _cli(capsys, *args):
+    """``python -m pipeline ARGS`` in this process (the interpreter start is what a subprocess would add):
+    (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_cli_streams_think_and_answer(elastic, capsys):
+    code, out, err = _cli(capsys, "generate", "--checkpoint", elastic["dir"], "--think", "small", "--answer", "full",
+                          "--think-tokens", "6", "--max-new-tokens", "4", "--prompt", "Sort the list [3, 1, 2].",
+                          "--do-sample", "--temperature", "0.7", "--top-k", "20", "--seed", "3")
+    assert code == 0, err[-2000:]
+    assert out.startswith("<think>\n") and "</think>" in out
+    summary = err.strip().splitlines()[-1]
     assert "think: small, 6 tokens, cut at 6 tokens" in summary and "answer: full" in summary, summary
     for args, what in [(["--think", "tiny"], "no budget 'tiny'"), (["--think", "hetero"], "per-layer sizes"),
-                       (["--think-tokens", "0"], "--think-tokens")]:
-        p = run_cli("generate", "--checkpoint", elastic["dir"], "--prompt", "x", *args)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and what in lines[0], p.stderr[-2000:]
-    p = run_cli("generate", "--checkpoint", str(elastic["d"] / "nowhere"), "--prompt", "x")
-    assert p.returncode == 2 and "no such directory" in p.stderr
+                       (["--think-tokens", "0"], "--think-tokens"), (["model.hidden_size=3"], "need --recipe")]:
+        code, out, err = _cli(capsys, "generate", "--checkpoint", elastic["dir"], "--prompt", "x", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and what in lines[0], err[-2000:]
+    code, _, err = _cli(capsys, "generate", "--checkpoint", str(elastic["d"] / "nowhere"), "--prompt", "x")
+    assert code == 2 and "no such directory" in err
 
 
 def _front_by_sweep(points):
