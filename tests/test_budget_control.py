@@ -104,21 +104,25 @@ def test_heterogeneous_budget_is_one_line(family):
 
 class Planted:
     """A stand-in for a transformers model: emits a scripted token stream, honouring generate()'s
-    ``max_new_tokens`` and ``eos_token_id`` as transformers does; records the input it was given."""
+    ``max_new_tokens`` and ``eos_token_id`` as transformers does; records the input and cache it was given."""
 
     device = torch.device("cpu")
 
     def __init__(self, script):
-        self.script, self.seen = list(script), []
+        self.script, self.seen, self.caches = list(script), [], []
 
-    def generate(self, x, attention_mask=None, generation_config=None, streamer=None):
+    def generate(self, x, attention_mask=None, generation_config=None, streamer=None, cache=None):
+        from types import SimpleNamespace
+
         self.seen.append(x[0].tolist())
+        self.caches.append(cache)
         out = []
-        for t in self.script[: generation_config.max_new_tokens]:
-            out.append(t)
-            if t in generation_config.eos_token_id:
+        while self.script and len(out) < generation_config.max_new_tokens:  # a later call continues the script
+            out.append(self.script.pop(0))
+            if out[-1] in generation_config.eos_token_id:
                 break
-        return torch.cat([x, torch.tensor([out], dtype=x.dtype)], dim=1)
+        seq = torch.cat([x, torch.tensor([out], dtype=x.dtype)], dim=1)
+        return SimpleNamespace(sequences=seq, past_key_values=("cache of", self, len(self.seen)))
 
 
 def test_control_with_planted_models(family):
@@ -145,6 +149,13 @@ def test_control_with_planted_models(family):
     r = think_then_answer(small, large, tok, sp, prompt, 10, Sampling())
     assert not r.closed_by_model and r.think_ids == [70] and r.answer_ids == []
     assert large.seen == [prompt + [70] + encode(tok, "\n</think>\n")]
+    assert large.caches == [None] and not r.cache_reused  # another width: no cache handed over
+    # 4) one model thinks and answers: the answer continues on the thinking phase's cache, same context
+    both = Planted([40, close, 50, eos])
+    r = think_then_answer(both, both, tok, sp, prompt, 10, Sampling())
+    assert r.cache_reused and r.think_ids == [40] and r.answer_ids == [50]
+    assert both.seen == [prompt, prompt + [40, close] + encode(tok, "\n")]
+    assert both.caches == [None, ("cache of", both, 1)]
 
 
 def test_special_tokens_and_prompt_come_from_the_tokenizer(family):
@@ -250,3 +261,20 @@ def test_budget_eval_writes_table_and_png(elastic, tmp_path, capsys):
     assert table["budgets"]["full"] > table["budgets"]["small"]
     with open(os.path.join(out, "pareto.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_model_cache_continuation_equals_a_reprefill(family):
+    """L->L continues on its cache; the same budget as a second view object re-prefills: same greedy tokens."""
+    from pipeline.inference.chat import encode, render_prompt, special_tokens
+    from pipeline.inference.control import Sampling, think_then_answer
+    from pipeline.inference.views import view_model
+
+    tok = family.tokenizer
+    sp = special_tokens(tok)
+    ids = encode(tok, render_prompt(tok, "Find the largest number in [3, 9, 4]."))
+    model = family.model("medium")
+    twin = view_model(family.full, family.base_cfg, family.model_cfg, family.budget("medium").subnet)
+    a = think_then_answer(model, model, tok, sp, ids, 12, Sampling(max_new_tokens=10))
+    b = think_then_answer(model, twin, tok, sp, ids, 12, Sampling(max_new_tokens=10))
+    assert a.cache_reused and not b.cache_reused
+    assert a.think_ids == b.think_ids and a.answer_ids == b.answer_ids and len(a.answer_ids) > 0

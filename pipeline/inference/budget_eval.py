@@ -5,6 +5,8 @@ Configurations, budgets ordered by active parameters (L the largest, S the small
 - L->L, S->S and L->S (the references and the inverse), with the same thinking cap as the pairs;
 - the default token-budget control: L->L with each cap of ``token_budget_caps`` (think until the cap, then
   a forced ``</think>`` and the answer).
+A pair re-prefills the context on the answering model; a same-model configuration continues on its cache
+(pipeline/inference/control.py says why).
 Each problem runs greedy and alone (batch 1): wall time per problem is a request's latency.
 """
 

@@ -5,16 +5,17 @@
    token-budget control of Nano v3 does (a cap on thinking tokens, then a forced answer).
 2. M_L reads the WHOLE context (prompt + trace + close) in one prefill and generates the answer.
    M_S's KV cache and SSM state cannot be handed over: M_L has other widths (hidden size, heads), so its
-   per-layer K/V, conv and SSM states are different tensors; the context is re-prefilled. Every
-   configuration pays this one extra prefill, the same-model ones (L->L, S->S) included, so their
-   latencies compare like for like.
+   per-layer K/V, conv and SSM states are different tensors; the context is re-prefilled. When one model
+   does both phases (L->L, S->S, the token-budget control) it continues on its own cache instead (only the
+   trace's last token and the close are new), as a plain single-model deployment would: the re-prefill is
+   the price of switching widths, and the latencies say so.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -44,8 +45,8 @@ class Result:
     think_s: float
     answer_s: float
     prompt_tokens: int
-    context_tokens: int = 0  # what M_L prefilled
-    phases: List[str] = field(default_factory=list)
+    context_tokens: int = 0  # the answer phase's context
+    cache_reused: bool = False  # one model did both phases: the answer continued on its cache
 
     @property
     def seconds(self) -> float:
@@ -91,19 +92,22 @@ def _sync(device: torch.device) -> None:
 
 
 def _generate(model, ids: List[int], max_new: int, stop: List[int], special: SpecialTokens, s: Sampling,
-              streamer=None):
+              streamer=None, cache=None):
+    """(new token ids, seconds, the cache after them)."""
     from transformers import GenerationConfig
 
     sample = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k) if s.do_sample else {}
     gc = GenerationConfig(max_new_tokens=max_new, do_sample=s.do_sample, eos_token_id=stop,
-                          pad_token_id=special.pad, bos_token_id=special.bos, use_cache=True, **sample)
+                          pad_token_id=special.pad, bos_token_id=special.bos, use_cache=True,
+                          return_dict_in_generate=True, **sample)
+    extra = {"cache": cache} if cache is not None else {}
     x = torch.tensor([ids], device=model.device)
     _sync(x.device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=streamer)
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=streamer, **extra)
     _sync(x.device)
-    return out[0, len(ids):].tolist(), time.perf_counter() - t0
+    return out.sequences[0, len(ids):].tolist(), time.perf_counter() - t0, out.past_key_values
 
 
 def think_then_answer(think_model, answer_model, tokenizer, special: SpecialTokens, prompt_ids: List[int],
@@ -111,8 +115,8 @@ def think_then_answer(think_model, answer_model, tokenizer, special: SpecialToke
     """Phase 1 on ``think_model`` (at most ``think_cap`` tokens), phase 2 on ``answer_model`` (see module doc)."""
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    new, think_s = _generate(think_model, prompt_ids, think_cap, [special.think_close] + special.stop, special,
-                             sampling, printer)
+    new, think_s, cache = _generate(think_model, prompt_ids, think_cap, [special.think_close] + special.stop,
+                                    special, sampling, printer)
     closed = bool(new) and new[-1] == special.think_close
     think = new[:-1] if new and new[-1] in [special.think_close] + special.stop else new
     if closed:  # the model wrote </think>: keep its token, add the newline the template puts after it
@@ -122,12 +126,14 @@ def think_then_answer(think_model, answer_model, tokenizer, special: SpecialToke
         context = prompt_ids + think + encode(tokenizer, close_text)
     if printer:
         printer.write(close_text)
-    answer, answer_s = _generate(answer_model, context, sampling.max_new_tokens, special.stop, special, sampling,
-                                 printer)
+    same = think_model is answer_model
+    answer, answer_s, _ = _generate(answer_model, context, sampling.max_new_tokens, special.stop, special, sampling,
+                                    printer, cache if same else None)
     if answer and answer[-1] in special.stop:
         answer = answer[:-1]
     if printer:
         printer.write("\n")
     return Result(think_ids=think, answer_ids=answer, think_text=tokenizer.decode(think),
                   answer_text=tokenizer.decode(answer, skip_special_tokens=True), closed_by_model=closed,
-                  think_s=think_s, answer_s=answer_s, prompt_tokens=len(prompt_ids), context_tokens=len(context))
+                  think_s=think_s, answer_s=answer_s, prompt_tokens=len(prompt_ids), context_tokens=len(context),
+                  cache_reused=same)

@@ -68,5 +68,6 @@ def main(recipe, args) -> None:
     printer.write("<think>\n")
     r = think_then_answer(small, large, family.tokenizer, special, ids, args.think_tokens, sampling, printer)
     how = "closed by the model" if r.closed_by_model else f"cut at {args.think_tokens} tokens"
+    ctx = "on the same model's cache" if r.cache_reused else f"after re-prefilling {r.context_tokens} tokens"
     print(f"[think: {think}, {len(r.think_ids)} tokens, {how}, {r.think_s:.2f} s | answer: {answer}, "
-          f"{len(r.answer_ids)} tokens after a {r.context_tokens}-token prefill, {r.answer_s:.2f} s]", file=sys.stderr)
+          f"{len(r.answer_ids)} tokens {ctx}, {r.answer_s:.2f} s]", file=sys.stderr)
