@@ -4,7 +4,8 @@
         --make-checkpoint [--batch 8 --prompt-len 1024 --decode-len 128] [--json out.json]
 
 Engines (transformers NemotronH, mamba-ssm / causal-conv1d kernels when installed):
-- ``views``: every budget a view model of ONE loaded full model (pipeline/inference/views.py);
+- ``views``: every budget a view model of ONE loaded full model (pipeline/inference/views.py), its grouped-head
+  rows gathered once per call (``parametrize.cached``, as generate and budget-eval run it);
 - ``sliced``: every budget written by ``slice`` and loaded as its own model (a copy per budget).
 Same batch, prompt and decode lengths, dtype (bf16) for every row. Prefill: one forward of
 batch x prompt-len tokens (no cache), median of --repeats after a warm-up. Decode: ``generate`` of exactly
@@ -56,7 +57,9 @@ def measure(model, batch: int, prompt_len: int, decode_len: int, repeats: int, v
     mask = torch.ones_like(x)
     gc = GenerationConfig(max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False, pad_token_id=0,
                           eos_token_id=None, use_cache=True)
-    with torch.no_grad():
+    from torch.nn.utils import parametrize
+
+    with torch.no_grad(), parametrize.cached():  # as control.py runs a view: one gather per call
         prefill = timed(lambda: model(input_ids=x, attention_mask=mask, use_cache=False, logits_to_keep=1), repeats)
         full = timed(lambda: model.generate(x, attention_mask=mask, generation_config=gc), repeats)
     decode = max(full - prefill, 1e-9)

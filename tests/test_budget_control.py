@@ -111,11 +111,11 @@ class Planted:
     def __init__(self, script):
         self.script, self.seen, self.caches = list(script), [], []
 
-    def generate(self, x, attention_mask=None, generation_config=None, streamer=None, cache=None):
+    def generate(self, x, attention_mask=None, generation_config=None, streamer=None, past_key_values=None):
         from types import SimpleNamespace
 
         self.seen.append(x[0].tolist())
-        self.caches.append(cache)
+        self.caches.append(past_key_values)
         out = []
         while self.script and len(out) < generation_config.max_new_tokens:  # a later call continues the script
             out.append(self.script.pop(0))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from torch.nn.utils import parametrize
 
 from pipeline.inference.chat import THINK_CLOSE, SpecialTokens, encode
 
@@ -100,11 +101,13 @@ def _generate(model, ids: List[int], max_new: int, stop: List[int], special: Spe
     gc = GenerationConfig(max_new_tokens=max_new, do_sample=s.do_sample, eos_token_id=stop,
                           pad_token_id=special.pad, bos_token_id=special.bos, use_cache=True,
                           return_dict_in_generate=True, **sample)
-    extra = {"cache": cache} if cache is not None else {}
+    # past_key_values (not its newer alias ``cache``): the name every transformers 5.x release accepts
+    extra = {"past_key_values": cache} if cache is not None else {}
     x = torch.tensor([ids], device=model.device)
     _sync(x.device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    # a budget view gathers its grouped-head rows once per generate() call, not once per token (views.py)
+    with torch.no_grad(), parametrize.cached():
         out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=streamer, **extra)
     _sync(x.device)
     return out.sequences[0, len(ids):].tolist(), time.perf_counter() - t0, out.past_key_values

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Set, Tuple
 
+from pipeline.errors import UserError
+
 
 def pareto_front(points: Sequence[Tuple[float, float]]) -> Set[int]:
     """Indices of the (latency, accuracy) points no other point dominates (no slower and no less
@@ -19,7 +21,11 @@ COLORS = {"think-small": "tab:blue", "same": "tab:green", "inverse": "tab:red", 
 
 
 def plot(rows: List[Dict], path: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(f"matplotlib is not installed (pip install matplotlib): {path} not written; the table "
+                        "is in budget_eval.json beside it") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

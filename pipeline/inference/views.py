@@ -6,8 +6,10 @@ a budget keeps the first k/G heads of each of G groups (attention q/o, Mamba z/x
 more than one group) the kept rows are not one prefix, and a 2-D ``nn.Linear`` weight cannot be a strided view
 of them; those tensors are ``torch.nn.utils.parametrize`` parametrizations whose ``original`` is the full
 model's own Parameter and which gather the kept rows when the module runs (a transient tensor, freed after
-the op; no persistent copy). ``parameter_bytes`` measures what is held: the bytes of the distinct storages
-behind every parameter and buffer of the given models.
+the op; no persistent copy). Inside ``torch.nn.utils.parametrize.cached()`` (control.py wraps every
+``generate`` call in it) each such tensor is gathered once per call instead of once per forward: the running
+budget's gathered rows live for that call only. ``parameter_bytes`` measures what is held: the bytes of the
+distinct storages behind every parameter and buffer of the given models.
 """
 
 from __future__ import annotations
