@@ -125,7 +125,7 @@ def main() -> None:
                 base = next(x for x in rows if x["engine"] == engine and x["budget"] == names[0])
                 print(f"{engine:<7} {n:<8} active {r['active_params'] / 1e6:9.1f}M  prefill {r['prefill_tok_s']:10.0f} "
                       f"tok/s ({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)  decode {r['decode_tok_s']:9.0f} "
-                      f"tok/s ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x)  params held {held / 2**30:.2f} GiB",
+                      f"tok/s ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x)  params held {held / 2**20:,.1f} MiB",
                       flush=True)
         finally:
             if engine == "sliced":

@@ -278,3 +278,28 @@ def test_same_model_cache_continuation_equals_a_reprefill(family):
     b = think_then_answer(model, twin, tok, sp, ids, 12, Sampling(max_new_tokens=10))
     assert a.cache_reused and not b.cache_reused
     assert a.think_ids == b.think_ids and a.answer_ids == b.answer_ids and len(a.answer_ids) > 0
+
+
+def test_budget_eval_user_errors_are_one_line(elastic, tmp_path):
+    from data_prep.demo_corpus import source_seed
+    from pipeline.cli import run
+    from pipeline.errors import UserError
+
+    base = ["budget-eval", "--recipe", TINY, f"budget_eval.checkpoint={elastic['dir']}",
+            f"budget_eval.out={tmp_path / 'be'}"]
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "x", "answer": "1"}\n{"prompt": "no answer"}\n')
+    cases = [
+        ([f"budget_eval.seed={source_seed(0, 'reasoning_chat')}"], "is a data source's generator seed"),
+        (["budget_eval.think_tokens=0"], "budget_eval.think_tokens = 0"),
+        (["budget_eval.token_budget_caps=[4, -1]"], "budget_eval.token_budget_caps"),
+        (["budget_eval.budgets=[full, huge]"], "budget_eval.budgets: ['huge']"),
+        ([f"budget_eval.problems={tmp_path / 'none.jsonl'}"], "no such file"),
+        ([f"budget_eval.problems={bad_jsonl}"], "bad.jsonl:2: expected a JSON object with prompt and answer"),
+        ([f"budget_eval.checkpoint={tmp_path / 'nowhere'}"], "does not exist"),
+    ]
+    for overrides, what in cases:
+        with pytest.raises(UserError, match=None) as e:
+            run(base + overrides)
+        assert what in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
+    assert not (tmp_path / "be").exists()  # nothing written
