@@ -6,7 +6,7 @@
 Engines (transformers NemotronH, mamba-ssm / causal-conv1d kernels when installed):
 - ``views``: every budget a view model of ONE loaded full model (pipeline/inference/views.py), its grouped-head
   rows gathered once per call (``parametrize.cached``, as generate and budget-eval run it);
-- ``sliced``: every budget written by ``slice`` and loaded as its own model (a copy per budget).
+- ``sliced``: every budget a contiguous copy (the model ``slice`` writes, bit for bit, built in memory).
 Same batch, prompt and decode lengths, dtype (bf16) for every row. Prefill: one forward of
 batch x prompt-len tokens (no cache), median of --repeats after a warm-up. Decode: ``generate`` of exactly
 decode-len new tokens greedy, minus the prefill time, median of --repeats. Parameter memory: the bytes of
@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +81,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import load_recipe
-    from pipeline.elastic.elastic_dir import slice_to_hf
     from pipeline.inference.family import Family, quiet_transformers
     from pipeline.inference.random_checkpoint import make_random_checkpoint
     from pipeline.inference.views import gathered_bytes, parameter_bytes
@@ -103,35 +100,30 @@ def main() -> None:
     vocab = family.model_cfg.vocab_size
     rows = []
     for engine in args.engines:
-        models, tmp = {}, tempfile.mkdtemp(prefix="sliced_")
-        try:
-            for n in names:
-                if engine == "views":
-                    models[n] = family.model(n)
-                else:
-                    from transformers import NemotronHForCausalLM
-
-                    out = slice_to_hf(family.dir, os.path.join(tmp, n), family.model_cfg, family.budget(n),
-                                      progress=False)
-                    models[n] = NemotronHForCausalLM.from_pretrained(out, dtype=dtype).to(dev).eval()
-            held = parameter_bytes(list(models.values()) + ([family.full] if engine == "views" else []))
-            for n in names:
-                r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
-                r.update(engine=engine, budget=n, active_params=family.active_params(n),
-                         params=int(family.budget(n).subnet.count(family.model_cfg).total),
-                         gathered_bytes_per_forward=gathered_bytes(models[n]) if engine == "views" else 0,
-                         engine_param_bytes=held)
-                rows.append(r)
-                base = next(x for x in rows if x["engine"] == engine and x["budget"] == names[0])
-                print(f"{engine:<7} {n:<8} active {r['active_params'] / 1e6:9.1f}M  prefill {r['prefill_tok_s']:10.0f} "
-                      f"tok/s ({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)  decode {r['decode_tok_s']:9.0f} "
-                      f"tok/s ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x)  params held {held / 2**20:,.1f} MiB",
-                      flush=True)
-        finally:
-            if engine == "sliced":
-                models.clear()
-                torch.cuda.empty_cache() if dev.type == "cuda" else None
-            shutil.rmtree(tmp, ignore_errors=True)
+        fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg, family.tokenizer,
+                     engine)
+        models = {n: fam.model(n) for n in names}
+        held = parameter_bytes([family.full, *models.values()])
+        for n in names:
+            r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
+            r.update(engine=engine, budget=n, active_params=family.active_params(n),
+                     params=int(family.budget(n).subnet.count(family.model_cfg).total),
+                     gathered_bytes_per_call=gathered_bytes(models[n]), engine_param_bytes=held)
+            rows.append(r)
+            base = next(x for x in rows if x["engine"] == engine and x["budget"] == names[0])
+            print(f"{engine:<7} {n:<8} active {r['active_params'] / 1e6:9.1f}M  prefill {r['prefill_tok_s']:10.0f} "
+                  f"tok/s ({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)  decode {r['decode_tok_s']:9.0f} "
+                  f"tok/s ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x)  params held {held / 2**20:,.1f} MiB",
+                  flush=True)
+        del fam, models
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(args.engines) == 2:  # what the measurement says about the engine
+        for n in names:
+            v, c = (next(x for x in rows if x["engine"] == e and x["budget"] == n) for e in ("views", "sliced"))
+            print(f"# {n}: views / sliced  prefill {v['prefill_tok_s'] / c['prefill_tok_s']:.2f}x  decode "
+                  f"{v['decode_tok_s'] / c['decode_tok_s']:.2f}x  (views hold {v['engine_param_bytes'] / 2**20:,.1f} "
+                  f"MiB of parameters for every budget, sliced {c['engine_param_bytes'] / 2**20:,.1f} MiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

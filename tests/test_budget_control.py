@@ -303,3 +303,23 @@ def test_budget_eval_user_errors_are_one_line(elastic, tmp_path):
             run(base + overrides)
         assert what in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
     assert not (tmp_path / "be").exists()  # nothing written
+
+
+def test_sliced_engine_copies_and_agrees(family):
+    """engine sliced: each budget a contiguous copy (the full budget is the full model): same logits as the
+    views, and the copies' bytes are what it costs."""
+    from pipeline.inference.family import Family
+    from pipeline.inference.views import parameter_bytes
+
+    copies = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg, family.tokenizer,
+                    "sliced")
+    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    assert copies.model("full") is family.full
+    extra = 0
+    for name in ("medium", "small"):
+        c, v = copies.model(name), family.model(name)
+        assert all(p.is_contiguous() for p in c.parameters()) and parameter_bytes([c]) > 0
+        extra += parameter_bytes([c])
+        with torch.no_grad():
+            assert torch.equal(c(tokens).logits, v(tokens).logits)
+    assert parameter_bytes([family.full] + copies.all_models()) == parameter_bytes([family.full]) + extra

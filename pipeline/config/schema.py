@@ -277,6 +277,7 @@ class BudgetEvalConfig:
     budgets: List[str] = field(default_factory=list)  # budgets to pair; [] = every homogeneous budget
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    engine: str = "views"  # views (every budget on one copy of the weights) | sliced (a contiguous copy per budget)
     out: str = ""  # output directory; "" = <root>/<name>/budget_eval
 
 

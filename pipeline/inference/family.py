@@ -18,6 +18,8 @@ from pipeline.elastic.elastic_dir import ELASTIC_JSON, find_budget, read_elastic
 from pipeline.errors import UserError
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# views: budgets share the full model's storage (gathers for grouped heads); sliced: each budget a contiguous copy
+ENGINES = ("views", "sliced")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -36,13 +38,15 @@ def quiet_transformers() -> None:
 
 
 class Family:
-    def __init__(self, ckpt_dir: str, full, model_cfg, budgets, base_cfg: dict, tokenizer):
+    def __init__(self, ckpt_dir: str, full, model_cfg, budgets, base_cfg: dict, tokenizer, engine: str = "views"):
+        if engine not in ENGINES:
+            raise UserError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
         self.dir, self.full, self.model_cfg, self.budgets = ckpt_dir, full, model_cfg, budgets
-        self.base_cfg, self.tokenizer = base_cfg, tokenizer
+        self.base_cfg, self.tokenizer, self.engine = base_cfg, tokenizer, engine
         self._views: Dict[str, torch.nn.Module] = {}
 
     @classmethod
-    def load(cls, ckpt_dir: str, device: str = "auto", dtype: str = "auto") -> "Family":
+    def load(cls, ckpt_dir: str, device: str = "auto", dtype: str = "auto", engine: str = "views") -> "Family":
         """dtype auto: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and the demo trains in fp32)."""
         from transformers import AutoTokenizer, NemotronHForCausalLM
 
@@ -60,7 +64,7 @@ class Family:
         full = NemotronHForCausalLM.from_pretrained(ckpt_dir, dtype=want).to(dev).eval()
         full.requires_grad_(False)
         order = sorted(budgets, key=lambda b: -b.subnet.count(model_cfg).active)
-        return cls(ckpt_dir, full, model_cfg, order, base_cfg, tokenizer)
+        return cls(ckpt_dir, full, model_cfg, order, base_cfg, tokenizer, engine)
 
     @property
     def names(self) -> List[str]:
@@ -74,7 +78,9 @@ class Family:
         return find_budget(self.budgets, name, os.path.join(self.dir, ELASTIC_JSON))
 
     def model(self, name: str):
-        """The budget's model (built once, a view of the full model's tensors)."""
+        """The budget's model (built once): a view of the full model's tensors, or with engine ``sliced`` a
+        contiguous copy (the full budget is then the full model itself)."""
+        from pipeline.elastic.subnet import Subnet
         from pipeline.inference.views import view_model
 
         if name not in self._views:
@@ -82,7 +88,11 @@ class Family:
             if not b.subnet.homogeneous:
                 raise UserError(f"{os.path.join(self.dir, ELASTIC_JSON)}: budget {name!r} has per-layer sizes; "
                                 "a NemotronH model holds one size per axis")
-            self._views[name] = view_model(self.full, self.base_cfg, self.model_cfg, b.subnet)
+            if self.engine == "sliced" and b.subnet == Subnet.full(self.model_cfg):
+                self._views[name] = self.full
+            else:
+                self._views[name] = view_model(self.full, self.base_cfg, self.model_cfg, b.subnet,
+                                               copy=self.engine == "sliced")
         return self._views[name]
 
     def all_models(self) -> List[torch.nn.Module]:

@@ -98,11 +98,12 @@ def budget_config(base_cfg: dict, model: ModelConfig, subnet: Subnet, like):
     return cfg
 
 
-def view_model(full: nn.Module, base_cfg: dict, model: ModelConfig, subnet: Subnet):
+def view_model(full: nn.Module, base_cfg: dict, model: ModelConfig, subnet: Subnet, copy: bool = False):
     """A ``NemotronHForCausalLM`` of ``subnet`` whose every parameter and buffer lives in ``full``'s storage.
 
     ``full`` is the loaded full (permuted) model of the elastic checkpoint; ``base_cfg`` its config.json;
-    ``model`` the recipe model section of elastic.json. ValueError for a subnet with per-layer sizes."""
+    ``model`` the recipe model section of elastic.json. ValueError for a subnet with per-layer sizes.
+    ``copy``: contiguous copies instead (the model ``slice`` would write, in memory: no gathers, more memory)."""
     from transformers import NemotronHForCausalLM
 
     subnet.check(model)
@@ -118,7 +119,10 @@ def view_model(full: nn.Module, base_cfg: dict, model: ModelConfig, subnet: Subn
         live, cut = _parent_tensor_and_cut(name, parent, model, subnet, kept)
         src = parent_buffers[live] if is_buffer else parent[live]
         cut = _simplify(cut, tuple(src.shape))
-        if all(not isinstance(k, torch.Tensor) for k in cut):
+        if copy:
+            t = apply_cut(src, cut).clone(memory_format=torch.contiguous_format)
+            _set(small, name, t if is_buffer else nn.Parameter(t, requires_grad=False), is_buffer)
+        elif all(not isinstance(k, torch.Tensor) for k in cut):
             view = apply_cut(src, cut)
             _set(small, name, view if is_buffer else nn.Parameter(view, requires_grad=False), is_buffer)
         elif is_buffer:

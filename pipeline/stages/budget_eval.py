@@ -26,6 +26,8 @@ def _plan(recipe):
         raise UserError(f"budget_eval.token_budget_caps = {c.token_budget_caps}: every cap must be >= 1")
     if c.dtype not in ("auto", "bf16", "fp32", "fp16"):
         raise UserError(f"budget_eval.dtype = {c.dtype!r}: auto | bf16 | fp32 | fp16")
+    if c.engine not in ("views", "sliced"):
+        raise UserError(f"budget_eval.engine = {c.engine!r}: views | sliced")
     if c.problems and not os.path.isfile(c.problems):
         raise UserError(f"budget_eval.problems = {c.problems}: no such file")
     if not c.problems and c.seed in training_seeds(recipe):
@@ -47,7 +49,7 @@ def main(recipe, args) -> None:
 
     c = recipe.budget_eval
     ckpt, out = _plan(recipe)
-    family = Family.load(ckpt, c.device, c.dtype)
+    family = Family.load(ckpt, c.device, c.dtype, c.engine)
     names = [n for n in family.names if family.budget(n).subnet.homogeneous]
     if c.budgets:
         unknown = [n for n in c.budgets if n not in family.names]
@@ -61,11 +63,12 @@ def main(recipe, args) -> None:
         source = f"data_prep.demo_corpus seed {c.seed} (training questions excluded)"
     configs = budget_eval.configurations(names, c.think_tokens, c.token_budget_caps)
     print(f"# budget-eval: {len(probs)} problems ({source}), {len(configs)} configurations, "
-          f"{family.device} {str(family.full.dtype).replace('torch.', '')}, checkpoint {ckpt}")
+          f"{family.device} {str(family.full.dtype).replace('torch.', '')}, engine {c.engine}, checkpoint {ckpt}")
     print(budget_eval.HEADER)
     rows = budget_eval.run(family, probs, configs, c.answer_tokens)
     meta = {"checkpoint": os.path.abspath(ckpt), "problems": source, "num_problems": len(probs),
-            "device": str(family.device), "dtype": str(family.full.dtype), "think_tokens": c.think_tokens,
+            "device": str(family.device), "dtype": str(family.full.dtype), "engine": c.engine,
+            "think_tokens": c.think_tokens,
             "answer_tokens": c.answer_tokens, "budgets": {n: family.active_params(n) for n in names}}
     paths = budget_eval.write(out, rows, meta, f"{recipe.run.name}: accuracy vs latency ({len(probs)} problems)")
     print(f"# Pareto front: {', '.join(r['label'] for r in rows if r['pareto'])}")

@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32", "fp16"), default="auto",
                         help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--engine", choices=("views", "sliced"), default="views",
+                        help="views: both budgets on one copy of the weights; sliced: a contiguous copy per budget")
 
 
 def _check(args) -> None:
@@ -54,7 +56,7 @@ def main(recipe, args) -> None:
     ckpt = checkpoint_dir(recipe, args.checkpoint)
     if not os.path.isdir(ckpt):
         raise UserError(f"--checkpoint {ckpt}: no such directory")
-    family = Family.load(ckpt, args.device, args.dtype)
+    family = Family.load(ckpt, args.device, args.dtype, args.engine)
     think, answer = args.think or family.smallest(), args.answer or family.largest()
     small, large = family.model(think), family.model(answer)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
