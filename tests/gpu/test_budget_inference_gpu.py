@@ -5,8 +5,8 @@
   tilings, so bf16 rounding is allowed) and building every budget's view leaves the CUDA allocator's
   parameter bytes unchanged (only the gather index vectors are new);
 - proxy_1b recipe, random-init elastic checkpoint, bf16: prefill and decode tokens/s of every budget, views
-  and sliced engines (bench/bench_budget_inference.py's measurement), recorded; a smaller sliced budget
-  decodes and prefills faster than the full model;
+  and sliced engines (bench/bench_budget_inference.py's measurement), recorded; the smallest sliced budget
+  prefills faster than the full model;
 - budget-eval through the CLI on the proxy checkpoint: JSON and PNG written, the table recorded.
 Run: ``python -m pytest -q -m gpu -s tests/gpu/test_budget_inference_gpu.py`` (tests/gpu/RESULTS.md).
 """
@@ -70,20 +70,17 @@ def proxy_ckpt(tmp_path_factory):
 
 
 def test_proxy_throughput_per_budget(proxy_ckpt, record):
-    from transformers import NemotronHForCausalLM
-
     from bench_budget_inference import measure
-    from pipeline.elastic.elastic_dir import slice_to_hf
     from pipeline.inference.family import Family
 
     family = Family.load(proxy_ckpt, "cuda", "bf16")
     vocab, rows = family.model_cfg.vocab_size, {}
-    for n in family.names:
-        rows[("views", n)] = measure(family.model(n), 8, 1024, 64, 3, vocab)
-        out = slice_to_hf(proxy_ckpt, proxy_ckpt + f"-{n}", family.model_cfg, family.budget(n), progress=False)
-        sliced = NemotronHForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda().eval()
-        rows[("sliced", n)] = measure(sliced, 8, 1024, 64, 3, vocab)
-        del sliced
+    for engine in ("views", "sliced"):
+        fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg, family.tokenizer,
+                     engine)
+        for n in family.names:
+            rows[(engine, n)] = measure(fam.model(n), 8, 1024, 64, 3, vocab)
+        del fam
         torch.cuda.empty_cache()
     full = family.largest()
     for (engine, n), r in rows.items():
