@@ -14,8 +14,6 @@ import sys
 
 from pipeline.errors import UserError
 
-RECIPE_OPTIONAL = True
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", default="",
