@@ -80,6 +80,7 @@ def main(argv=None) -> None:
 
 def run(argv=None) -> None:
     from pipeline.config import dump_recipe, load_recipe
+    from pipeline.config.load import for_stage
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
@@ -87,7 +88,7 @@ def run(argv=None) -> None:
     if not args.stage:
         parser.print_help()
         raise UserError("no stage given")
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = for_stage(load_recipe(args.recipe, args.overrides), args.stage)  # the stage's own parallelism
     if args.dry_run:
         print(f"# resolved recipe for stage '{args.stage}' from {args.recipe}")
         print(dump_recipe(recipe), end="")

@@ -42,7 +42,7 @@ from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_jso
 from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
-from pipeline.training.task import Task, token_mean
+from pipeline.training.task import Task, context_parallel_shard, token_mean
 
 AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
              "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
@@ -137,7 +137,7 @@ class ElasticTask(Task):
         choice = self.slot(b, tau, scale, self.hard, torch.Generator().manual_seed(_noise_seed(seed, it, mb)))
         self.masks.set_choice(choice)
 
-        batch = next(data_iterator)
+        batch = context_parallel_shard(next(data_iterator))  # student and teacher see the same shard
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         split_stage_input(model, self.teacher)
