@@ -40,8 +40,8 @@ def _init(root: str, which: str) -> str:
     return os.path.join(root, "init", which)
 
 
-def write_initial_checkpoints(root: str) -> None:
-    r = recipe(root, "init")
+def write_initial_checkpoints(root: str, extra: List[str] = ()) -> None:
+    r = recipe(root, "init", extra)
     parallel.initialize(r)
     for which, seed in (("student", 7), ("teacher", 8)):
         torch.manual_seed(seed)
@@ -67,30 +67,49 @@ def one_step(r, stage: str, task) -> Dict:
 def steps(root: str, cp: int) -> Dict:
     from megatron.core import parallel_state
 
-    from pipeline.elastic.task import ElasticTask
-
     layout = [f"parallelism.cp={cp}"]
     init = [f"training.init_from={_init(root, 'student')}"]
     out = {}
     r = recipe(root, f"pretrain_cp{cp}", layout + init)
     out["pretrain"] = one_step(r, "pretrain", LMTask(r, "pretrain"))
     out["cp_size"] = parallel_state.get_context_parallel_world_size()
-    r = recipe(root, f"stage1_cp{cp}", layout + [f"stage1.training.init_from={_init(root, 'student')}",
-                                                 f"stage1.teacher={_init(root, 'teacher')}"])
-    check_elastic_run(r, "stage1")
-    out["elastic"] = one_step(r, "stage1", ElasticTask(r, "stage1"))
+    out["elastic"] = elastic_step(root, f"stage1_cp{cp}", layout)
     out["shard"] = shard_positions(16)
-    parallel.shutdown()
+    return out
+
+
+def elastic_step(root: str, name: str, extra: List[str]) -> Dict:
+    from pipeline.elastic.task import ElasticTask
+
+    r = recipe(root, name, list(extra) + [f"stage1.training.init_from={_init(root, 'student')}",
+                                          f"stage1.teacher={_init(root, 'teacher')}"])
+    check_elastic_run(r, "stage1")
+    return one_step(r, "stage1", ElasticTask(r, "stage1"))
+
+
+def recompute_steps(root: str, modes: List[str], extra: List[str] = ()) -> Dict:
+    """The elastic step under each recompute mode (``full``, ``selective:moe,mamba``, ``none``)."""
+    out = {}
+    for mode in modes:
+        kind, _, mods = mode.partition(":")
+        layout = [f"parallelism.recompute={kind}"] + ([f"parallelism.recompute_modules=[{mods}]"] if mods else [])
+        out[mode] = elastic_step(root, f"rc_{kind}_{mods.replace(',', '_')}", list(extra) + layout)
     return out
 
 
 def cp2(root: str) -> Dict:
     write_initial_checkpoints(root)
-    return steps(root, 2)
+    out = steps(root, 2)
+    # PP=2 (1F1B: micro-batch 0's backward runs after micro-batch 1's forward set other masks)
+    out["pp2_recompute"] = recompute_steps(root, ["none", "full"], ["parallelism.pp=2"])
+    parallel.shutdown()
+    return out
 
 
 def cp1(root: str) -> Dict:
-    return steps(root, 1)
+    out = steps(root, 1)
+    parallel.shutdown()
+    return out
 
 
 def shard_positions(seq: int) -> Dict:

@@ -238,9 +238,6 @@ def check_elastic_run(recipe: Recipe, stage: str) -> None:
     if p.tp > 1 and not p.sequence_parallel:
         # the router's gradient is summed over TP ranks: each must hold a distinct part of the residual stream
         raise UserError(f"{where} parallelism.tp = {p.tp} needs parallelism.sequence_parallel = true")
-    if p.pp > 1 and p.recompute != "none":
-        # recomputation under 1F1B would re-run a micro-batch under a later micro-batch's masks
-        raise UserError(f"{where} parallelism.recompute = {p.recompute!r} with pp = {p.pp}: use recompute: none")
     if p.cp > 1 and len(e.axes.mamba_heads) > 1:
         raise UserError(f"{where} parallelism.cp = {p.cp} with elastic Mamba heads: megatron's Mamba context "
                         f"parallelism re-shards heads across CP ranks; use cp = 1 or a fixed Mamba width")
