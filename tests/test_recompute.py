@@ -41,7 +41,7 @@ def test_recompute_keeps_the_elastic_step(tmp_path):
 @pytest.mark.slow
 def test_recompute_under_pipeline_parallelism_reapplies_each_micro_batchs_masks(runs):  # noqa: F811
     _, ranks = runs
-    last = [r for r in ranks if r["pp2_recompute"]["none"]["values"]]
+    last = [r for r in ranks if "loss" in r["pp2_recompute"]["none"]["values"]]  # the last stage logs the loss
     assert len(last) == 1 and set(last[0]["pp2_recompute"]["none"]["values"]) >= {"kd/full", "kd/small"}
     for r in ranks:
         got, want = r["pp2_recompute"]["full"], r["pp2_recompute"]["none"]
