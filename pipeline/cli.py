@@ -24,6 +24,7 @@ STAGES = {
     "importance": ("importance", "score every elastic axis on calibration data and permute the parent"),
     "stage1": ("stage1", "elastic training, stage 1: router + nested masks + KD, budgets sampled uniformly"),
     "stage2": ("stage2", "elastic training, stage 2: long context, weighted budget sampling"),
+    "plan": ("plan", "memory plan of a training stage per GPU (params, grads, optimizer, activations) and the verdict"),
     "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
@@ -95,5 +96,11 @@ def run(argv=None) -> None:
         check = getattr(_stage_module(STAGES[args.stage][0]), "dry_run", None)
         if check:
             check(recipe, args)
+        from pipeline.config.schema import TRAIN_STAGES
+
+        if args.stage in TRAIN_STAGES:
+            from pipeline.stages.plan import print_plan
+
+            print_plan(recipe, args.stage)
         return
     _stage_module(STAGES[args.stage][0]).main(recipe, args)

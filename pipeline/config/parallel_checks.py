@@ -18,10 +18,8 @@ RECOMPUTE_MODULES = ("core_attn", "moe", "moe_act", "layernorm", "mlp", "shared_
 
 
 def check_stage_layouts(recipe: Recipe, fail) -> None:
-    from pipeline.model.spec import te_available
-
     m = recipe.model
-    te = m.backend == "te" or (m.backend == "auto" and te_available())
+    te = m.backend != "local"  # auto: TE wherever the job runs it (checked again at build time)
     for stage in TRAIN_STAGES:
         p, t = getattr(recipe, stage).parallelism, getattr(recipe, stage).training
         key = f"{stage}.parallelism"
@@ -37,7 +35,7 @@ def check_stage_layouts(recipe: Recipe, fail) -> None:
         if p.cp > 1:
             _check_context_parallel(recipe, stage, p, t, te, fail)
         if t.document_attention_mask:
-            if te:
+            if m.backend == "te":
                 fail(f"{stage}.training.document_attention_mask needs model.backend: local (the TE path would "
                      "need THD packed sequences, not wired yet)")
             if p.cp > 1:
@@ -50,7 +48,7 @@ def _check_context_parallel(recipe: Recipe, stage: str, p, t, te: bool, fail) ->
     if t.seq_length % (2 * p.cp):
         fail(f"{stage}.training.seq_length = {t.seq_length} must be a multiple of 2 x {key} = {2 * p.cp} "
              "(megatron's load-balanced split: 2 chunks per CP rank)")
-    if "*" in m.pattern and not te:
+    if "*" in m.pattern and m.backend == "local":  # auto resolves where it runs: checked again at build time
         fail(f"{key} = {p.cp} with attention layers needs model.backend: te (megatron's local attention has no "
              "context parallelism)")
     if "M" in m.pattern:  # megatron's Mamba CP hands each CP rank a share of this TP rank's heads and groups

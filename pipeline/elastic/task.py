@@ -43,7 +43,7 @@ from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_jso
 from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
-from pipeline.training.task import Task, context_parallel_shard, token_mean
+from pipeline.training.task import Task, check_document_mask, context_parallel_shard, token_mean
 
 AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
              "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
@@ -84,6 +84,7 @@ class ElasticTask(Task):
 
     # ---- model and optimizer
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        check_document_mask(self.recipe, self.stage)
         model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8)
         for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
             router.frozen_expert_bias = True
@@ -150,8 +151,8 @@ class ElasticTask(Task):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         split_stage_input(model, self.teacher)
         with torch.no_grad():
-            t_out = self.teacher(batch["tokens"], batch["position_ids"], None)
-        s_out = model(batch["tokens"], batch["position_ids"], None)
+            t_out = self.teacher(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        s_out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         if self.recompute:
             s_out = reapply_on_backward(s_out, self.masks)
         if not ps.is_pipeline_last_stage():

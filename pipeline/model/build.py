@@ -174,6 +174,10 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    if recipe.parallelism.cp > 1 and "*" in recipe.model.pattern and not use_te:
+        raise UserError(f"parallelism.cp = {recipe.parallelism.cp} with attention layers needs Transformer Engine "
+                        f"(model.backend = {recipe.model.backend} resolved to megatron's local attention, which has "
+                        "no context parallelism)")
     config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8)
     model = hybrid_model(recipe, config, use_te, pre_process, post_process, spec_transform=spec_transform)
     if recipe.parallelism.recompute == "selective" and "mamba" in recipe.parallelism.recompute_modules:

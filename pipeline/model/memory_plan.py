@@ -82,11 +82,11 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
     if sym == "*":
         nq, ng, hd = z["nq"] / tp, z["ng"] / tp, z["hd"]
         out["norm+qkv"] = 2 * hs
-        core = nq * hd + 2 * ng * hd + nq * hd  # q, k, v, output
-        if te:  # fused (flash) attention: + the softmax statistics
+        if te:  # fused (flash) attention: q, k, v, output, the softmax statistics
+            core = nq * hd + 2 * ng * hd + nq * hd
             out["fp32"] = nq
-        else:  # megatron's local attention: + the [s x s] probabilities
-            core += nq * seq / p.cp
+        else:  # megatron's local attention: q, k and v expanded to the query heads, output, [s x s] probabilities
+            core = 4 * nq * hd + nq * seq / p.cp
         if sel and "core_attn" in modules:
             core = nq * hd + 2 * ng * hd  # the checkpoint keeps q, k, v
             out.pop("fp32", None)
@@ -139,7 +139,7 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
 
     cfg = getattr(recipe, stage)
     p, t, m = cfg.parallelism, cfg.training, recipe.model
-    te = (m.backend == "te" or (m.backend == "auto" and te_available())) if te is None else te
+    te = m.backend != "local" if te is None else te  # auto: a GPU cluster runs TE
     gpus = gpus or stage_gpus(recipe, stage)
     model_ranks = p.tp * p.pp * p.cp
     dp = max(gpus // model_ranks, 1)

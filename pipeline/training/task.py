@@ -26,6 +26,7 @@ class Task(abc.ABC):
         self.stage = stage
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        check_document_mask(self.recipe, self.stage)
         return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8)
 
     def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
@@ -92,6 +93,17 @@ def context_parallel_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
                                      cp_group=parallel_state.get_context_parallel_group())
 
 
+def check_document_mask(recipe: Recipe, stage: str) -> None:
+    """``training.document_attention_mask`` hands attention an explicit block-causal mask: megatron's local
+    attention applies it; the TE path would need THD packed sequences (not wired)."""
+    from pipeline.errors import UserError
+    from pipeline.model.spec import use_te
+
+    if getattr(recipe, stage).training.document_attention_mask and use_te(recipe.model):
+        raise UserError(f"{stage}.training.document_attention_mask needs megatron's local attention, but "
+                        f"model.backend = {recipe.model.backend} runs Transformer Engine: set model.backend: local")
+
+
 def masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
     loss, value = token_mean(per_token, loss_mask)
     return loss, {"loss": value}
@@ -104,5 +116,5 @@ class LMTask(Task):
         batch = context_parallel_shard(next(data_iterator))
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         return per_token, partial(masked_mean, batch["loss_mask"])
