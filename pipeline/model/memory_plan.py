@@ -85,8 +85,9 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         if te:  # fused (flash) attention: q, k, v, output, the softmax statistics
             core = nq * hd + 2 * ng * hd + nq * hd
             out["fp32"] = nq
-        else:  # megatron's local attention: q, k and v expanded to the query heads, output, [s x s] probabilities
-            core = 4 * nq * hd + nq * seq / p.cp
+        else:  # megatron's local attention: the qkv buffer, k and v expanded to the query heads (GQA), output,
+            # the [s x s] probabilities
+            core = (nq + 2 * ng) * hd + (2 * nq * hd if ng < nq else 0) + nq * hd + nq * seq / p.cp
         if sel and "core_attn" in modules:
             core = nq * hd + 2 * ng * hd  # the checkpoint keeps q, k, v
             out.pop("fp32", None)
@@ -115,6 +116,13 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         out["mlp"] = 0.0 if (sel and "mlp" in modules) else 2 * ffn
         return out
     raise ValueError(sym)
+
+
+def layer_activation_bytes(sym: str, recipe: Recipe, p, seq: int, te: bool, recompute: str, modules: List[str],
+                           elastic: bool, a: float = 2.0) -> float:
+    """Bytes saved for the backward per token of this rank's shard (activations of ``a`` bytes, fp32 extras)."""
+    el = layer_activation_elements(sym, recipe, p, seq, te, recompute, modules, elastic)
+    return sum(v for key, v in el.items() if key != "fp32") * a + el.get("fp32", 0.0) * 4
 
 
 def _stage_layers(recipe: Recipe, p) -> List[str]:
@@ -176,13 +184,11 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
         per_kind: Dict[str, float] = {}
         peak_layer = 0.0
         for sym in layers:
-            el = layer_activation_elements(sym, recipe, p, seq, te, p.recompute, mods, elastic)
-            b = sum(v for key, v in el.items() if key != "fp32") * a + el.get("fp32", 0.0) * 4
+            b = layer_activation_bytes(sym, recipe, p, seq, te, p.recompute, mods, elastic, a)
             per_kind[sym] = per_kind.get(sym, 0.0) + b * tokens
             if p.recompute != "none":  # the layer being recomputed holds its full activations
-                full = layer_activation_elements(sym, recipe, p, seq, te, "none", mods, elastic)
-                peak_layer = max(peak_layer, (sum(v for key, v in full.items() if key != "fp32") * a
-                                              + full.get("fp32", 0.0) * 4) * tokens)
+                full = layer_activation_bytes(sym, recipe, p, seq, te, "none", mods, elastic, a)
+                peak_layer = max(peak_layer, full * tokens)
         names = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
         for sym, b in per_kind.items():
             n = layers.count(sym)
