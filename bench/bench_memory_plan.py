@@ -45,6 +45,7 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
 
     from pipeline.config.load import for_stage, load_recipe
     from pipeline.model.memory_plan import plan
+    from pipeline.model.spec import use_te
     from pipeline.training.loop import Trainer
     from pipeline.training.task import LMTask
 
@@ -62,7 +63,8 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
     trainer.setup()
     trainer.step()
     measured = torch.cuda.max_memory_allocated() if gpu else 0
-    mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0)
+    mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0,
+              te=use_te(r.model))  # the backend this machine resolves auto to
     return {"stage": stage, "seq": seq, "recompute": recompute, "measured": measured, "plan": mp.total,
             "terms": [(n, b) for n, b, _ in mp.lines]}
 
@@ -86,11 +88,12 @@ def make_teacher(recipe_path: str, root: str) -> None:
 def longest_fitting(recipe_path: str, stage: str, recompute: str, root: str, gpu_gib: float) -> int:
     from pipeline.config.load import for_stage, load_recipe
     from pipeline.model.memory_plan import plan
+    from pipeline.model.spec import use_te
 
     best = 4096
     for seq in LONG:
         r = for_stage(load_recipe(recipe_path, overrides(stage, seq, recompute, root)), stage)
-        if plan(r, stage, gpus=1, gpu_gib=gpu_gib).fits:
+        if plan(r, stage, gpus=1, gpu_gib=gpu_gib, te=use_te(r.model)).fits:
             best = seq
     return best
 

@@ -10,6 +10,7 @@ buffers. Activation terms count the tensors megatron / TE / mamba-ssm save for t
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -48,6 +49,12 @@ def _sizes(recipe: Recipe):
                 f=m.moe_ffn_hidden_size, sf=m.moe_shared_expert_ffn_hidden_size, ffn=m.ffn_hidden_size)
 
 
+def causal_conv1d() -> bool:
+    """Whether megatron's Mamba mixer runs causal-conv1d's fused conv + activation here (else F.conv1d + silu).
+    Planning elsewhere than the training machine assumes the same packages (without it: the larger figure)."""
+    return importlib.util.find_spec("causal_conv1d") is not None
+
+
 def expert_params(recipe: Recipe, sym: str) -> int:
     m = recipe.model
     return m.num_experts * 2 * m.hidden_size * m.moe_ffn_hidden_size if sym == "E" else 0
@@ -70,9 +77,9 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         if sel and "mamba" in modules:  # the mixer's input only (TE: norm fused into in_proj, inside the mixer)
             return {"input": hs if te else 2 * hs}
         out["norm+in_proj"] = 2 * hs  # norm input and output (TE: fused into in_proj, the same two)
-        # conv input copy, [CPU: conv output, the silu input], x/B/C copies the scan keeps (causal-conv1d on GPU
-        # fuses the activation into the conv)
-        out["conv"] = (2 if te else 3) * xbc
+        # conv input copy, x/B/C copies the scan keeps, and without causal-conv1d (which fuses the activation
+        # into the conv) the conv output too: the silu's input
+        out["conv"] = (2 if causal_conv1d() else 3) * xbc
         out["ssm"] = di + nh  # scan output, dt
         out["gated_norm"] = 3 * di  # y and z copies, output (out_proj's input)
         out["fp32"] = nh + z["gn"] / tp / max(recipe.model.mamba_state_dim, 1)  # dA_cumsum, rstd per group
