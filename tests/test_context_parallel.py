@@ -39,6 +39,9 @@ def test_cp2_step_equals_one_rank(runs, step):
     want = ref[step]
     zero = [n for n, g in want["grads"].items() if not g.abs().max() > 0]
     assert not zero, f"reference has parameters without gradient: {zero[:5]}"  # an informative comparison
+    if step == "elastic":  # both budgets drawn, and the budget loss (scaled by 1 / (tp x cp)) is in play
+        assert {"kd/full", "kd/small"} <= set(want["values"])
+        assert all(want["values"][f"budget_loss/{b}"] > 0 for b in ("full", "small"))
     for r in ranks:
         got = r[step]
         for key, value in want["values"].items():
