@@ -24,6 +24,7 @@ STAGES = {
     "importance": ("importance", "score every elastic axis on calibration data and permute the parent"),
     "stage1": ("stage1", "elastic training, stage 1: router + nested masks + KD, budgets sampled uniformly"),
     "stage2": ("stage2", "elastic training, stage 2: long context, weighted budget sampling"),
+    "plan": ("plan", "memory plan of a training stage per GPU (params, grads, optimizer, activations) and the verdict"),
     "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
 
 def run(argv=None) -> None:
     from pipeline.config import dump_recipe, load_recipe
+    from pipeline.config.load import for_stage
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
@@ -96,12 +98,18 @@ def run(argv=None) -> None:
             raise UserError(f"{args.stage}: recipe overrides and --dry-run need --recipe")
         _stage_module(STAGES[args.stage][0]).main(None, args)
         return
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = for_stage(load_recipe(args.recipe, args.overrides), args.stage)  # the stage's own parallelism
     if args.dry_run:
         print(f"# resolved recipe for stage '{args.stage}' from {args.recipe}")
         print(dump_recipe(recipe), end="")
         check = getattr(_stage_module(STAGES[args.stage][0]), "dry_run", None)
         if check:
             check(recipe, args)
+        from pipeline.config.schema import TRAIN_STAGES
+
+        if args.stage in TRAIN_STAGES:
+            from pipeline.stages.plan import print_plan
+
+            print_plan(recipe, args.stage)
         return
     _stage_module(STAGES[args.stage][0]).main(recipe, args)

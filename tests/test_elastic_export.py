@@ -209,7 +209,7 @@ def test_storage_report_of_the_nano_recipe(cli):
     recipe = load_recipe(NANO, [])
     budgets = budgets_from_axes(recipe)
     assert [(b.subnet.hidden, b.subnet.moe_ffn, b.subnet.shared_expert_ffn) for b in budgets] == [
-        (2688, 1856, 3712), (2240, 1600, 3712), (1856, 960, 3712)]
+        (2688, 1856, 3712), (2176, 1664, 3712), (1920, 960, 3712)]
     report = storage_report(recipe.model, budgets)
     bias = recipe.model.pattern.count("E") * recipe.model.num_experts
     for b, row in zip(budgets, report["budgets"]):

@@ -71,6 +71,7 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
 def build_recipe(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
     raw = dict(raw)
     top_training = raw.get("training") or {}
+    top_parallel = raw.get("parallelism") or {}
     for stage in TRAIN_STAGES:
         block = raw.get(stage)
         if block is None:
@@ -82,7 +83,11 @@ def build_recipe(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
             raise UserError(f"{source}: {stage}.training must be a mapping")
         if not isinstance(top_training, dict):
             raise UserError(f"{source}: training must be a mapping")
-        raw[stage] = {**block, "training": {**top_training, **stage_training}}
+        stage_parallel = block.get("parallelism") or {}
+        if not isinstance(stage_parallel, dict) or not isinstance(top_parallel, dict):
+            raise UserError(f"{source}: parallelism and {stage}.parallelism must be mappings")
+        raw[stage] = {**block, "training": {**top_training, **stage_training},
+                      "parallelism": {**top_parallel, **stage_parallel}}
     return to_dataclass(Recipe, raw, path="", source=source)
 
 
@@ -142,6 +147,14 @@ def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def for_stage(recipe: Recipe, stage: str) -> Recipe:
+    """The recipe a training stage runs with: its ``<stage>.parallelism`` block (the top-level one with the
+    stage's overrides) as ``parallelism``. Other stages run with the top-level layout."""
+    if stage not in TRAIN_STAGES:
+        return recipe
+    return dataclasses.replace(recipe, parallelism=getattr(recipe, stage).parallelism)
 
 
 def stage_training(recipe: Recipe, stage: str) -> TrainingConfig:

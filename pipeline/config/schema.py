@@ -68,7 +68,10 @@ class ParallelConfig:
     sequence_parallel: bool = True  # used whenever tp > 1 (required by MoE under TP)
     pp_layers: List[int] = field(default_factory=list)  # layers per PP stage; [] = balanced
     distributed_optimizer: bool = False
-    recompute: str = "none"  # none | full
+    recompute: str = "none"  # none | full (every layer) | selective (recompute_modules only); docs/memory_plan.md
+    # selective: megatron's core_attn, moe, moe_act (TE grouped GEMM), layernorm, mlp, shared_experts, and mamba
+    # (the Mamba mixer, pipeline/model/recompute.py: megatron has no Mamba choice)
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
     moe_token_dispatcher: str = "alltoall"  # alltoall | allgather
 
 
@@ -129,6 +132,9 @@ class TrainingConfig:
     eval_interval: int = 0  # 0 = no periodic validation
     eval_iters: int = 4
     init_from: str = ""  # another stage's name (its latest checkpoint) or a checkpoint path
+    # packed sequences: attention does not cross the end-of-document token (block-causal mask, local backend);
+    # Mamba state and conv do cross it (docs/context_parallel.md#packed-sequences)
+    document_attention_mask: bool = False
 
 
 @dataclass
@@ -232,6 +238,8 @@ class TrainStageConfig:
     """A training stage; ``training`` holds overrides of the top-level ``training`` section."""
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    # overrides of the top-level ``parallelism`` for this stage (e.g. stage2: cp 4 at 49K, stage1: cp 1)
+    parallelism: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass

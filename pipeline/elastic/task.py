@@ -35,6 +35,7 @@ from megatron.core.utils import unwrap_model
 from pipeline.elastic.budget import budget_loss, target_size
 from pipeline.elastic.kd import forward_kl, sample_budget
 from pipeline.elastic.masks import ElasticMasks
+from pipeline.elastic.masks.recompute import RecomputeMasks, reapply_on_backward
 from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router import ElasticRouter, logit_scale_at, tau_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
@@ -42,7 +43,7 @@ from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_jso
 from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
-from pipeline.training.task import Task, token_mean
+from pipeline.training.task import Task, check_document_mask, context_parallel_shard, token_mean
 
 AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
              "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
@@ -83,6 +84,7 @@ class ElasticTask(Task):
 
     # ---- model and optimizer
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        check_document_mask(self.recipe, self.stage)
         model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8)
         for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
             router.frozen_expert_bias = True
@@ -105,11 +107,16 @@ class ElasticTask(Task):
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
         self.teacher = build_teacher(self.recipe, src, bf16, self.cfg.training.fp8)
         self.student = model_chunks[0]
-        self.masks = ElasticMasks(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
+        # under activation recompute the masks are leaves re-applied in the recomputed forward (masks/recompute.py)
+        self.recompute = self.recipe.parallelism.recompute != "none"
+        masks_cls = RecomputeMasks if self.recompute else ElasticMasks
+        self.masks = masks_cls(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
         config = unwrap_model(self.student).config
         finalize = config.finalize_model_grads_func
 
         def finalize_with_router(*args, **kwargs):
+            if self.recompute:
+                self.masks.push_router_grads()
             sync_grads(self.slot)
             return finalize(*args, **kwargs)
 
@@ -134,16 +141,20 @@ class ElasticTask(Task):
         self.micro += 1
         b = sample_budget(seed, it, mb, self.weights)
         tau, scale = self.schedule()
-        choice = self.slot(b, tau, scale, self.hard, torch.Generator().manual_seed(_noise_seed(seed, it, mb)))
-        self.masks.set_choice(choice)
+        noise = lambda: torch.Generator().manual_seed(_noise_seed(seed, it, mb))  # noqa: E731
+        choice = self.slot(b, tau, scale, self.hard, noise())
+        # recompute: the masks from a second, identical router forward (its graph feeds push_router_grads)
+        self.masks.set_choice(self.slot(b, tau, scale, self.hard, noise()) if self.recompute else choice)
 
-        batch = next(data_iterator)
+        batch = context_parallel_shard(next(data_iterator))  # student and teacher see the same shard
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         split_stage_input(model, self.teacher)
         with torch.no_grad():
-            t_out = self.teacher(batch["tokens"], batch["position_ids"], None)
-        s_out = model(batch["tokens"], batch["position_ids"], None)
+            t_out = self.teacher(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        s_out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if self.recompute:
+            s_out = reapply_on_backward(s_out, self.masks)
         if not ps.is_pipeline_last_stage():
             return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1), None
         return s_out, partial(self._loss, t_out, batch["loss_mask"], b, choice)

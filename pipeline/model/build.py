@@ -98,9 +98,7 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         expert_tensor_parallel_size=p.etp,
         context_parallel_size=p.cp,
         sequence_parallel=p.tp > 1 and p.sequence_parallel,
-        recompute_granularity="full" if p.recompute == "full" else None,
-        recompute_method="uniform" if p.recompute == "full" else None,
-        recompute_num_layers=1 if p.recompute == "full" else None,
+        **recompute_settings(p),
         # precision
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -114,6 +112,17 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         persist_layer_norm=False,
         use_cpu_initialization=use_cpu_init,
     )
+
+
+def recompute_settings(p) -> dict:
+    """``parallelism.recompute`` -> megatron's recompute fields: full = every layer (uniform, 1 layer per
+    unit); selective = megatron's ``recompute_modules`` (ours, ``mamba``, is applied by model/recompute.py)."""
+    if p.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if p.recompute == "selective":
+        mods = [x for x in p.recompute_modules if x != "mamba"]
+        return {"recompute_granularity": "selective" if mods else None, "recompute_modules": mods}
+    return {}
 
 
 def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
@@ -165,8 +174,16 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    if recipe.parallelism.cp > 1 and "*" in recipe.model.pattern and not use_te:
+        raise UserError(f"parallelism.cp = {recipe.parallelism.cp} with attention layers needs Transformer Engine "
+                        f"(model.backend = {recipe.model.backend} resolved to megatron's local attention, which has "
+                        "no context parallelism)")
     config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8)
     model = hybrid_model(recipe, config, use_te, pre_process, post_process, spec_transform=spec_transform)
+    if recipe.parallelism.recompute == "selective" and "mamba" in recipe.parallelism.recompute_modules:
+        from pipeline.model.recompute import recompute_mamba_mixers
+
+        recompute_mamba_mixers(model)
     if not cpu:
         model.cuda()
     return model

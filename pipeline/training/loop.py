@@ -64,7 +64,7 @@ class Trainer:
                             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {self.dp}")
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                          and self.dp_rank == 0)
+                          and self.dp_rank == 0 and parallel_state.get_context_parallel_rank() == 0)
         if dist.get_rank() == 0:
             os.makedirs(self.ckpt_root, exist_ok=True)
             with open(os.path.join(self.dir, "config.yaml"), "w") as f:

@@ -26,6 +26,7 @@ class Task(abc.ABC):
         self.stage = stage
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        check_document_mask(self.recipe, self.stage)
         return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8)
 
     def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
@@ -79,6 +80,30 @@ def token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.
     return total / count, sums[0] / count
 
 
+def context_parallel_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This context-parallel rank's part of a micro-batch (every [b, s, ...] entry: tokens, labels, loss mask,
+    position ids; an attention mask on its query dim), in megatron's load-balanced zigzag layout: the sequence
+    in 2 x cp chunks, rank r holding chunks r and 2cp-1-r. megatron's TE attention and Mamba context
+    parallelism expect exactly this layout. Identity without CP."""
+    if not (parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1):
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False,
+                                     cp_group=parallel_state.get_context_parallel_group())
+
+
+def check_document_mask(recipe: Recipe, stage: str) -> None:
+    """``training.document_attention_mask`` hands attention an explicit block-causal mask: megatron's local
+    attention applies it; the TE path would need THD packed sequences (not wired)."""
+    from pipeline.errors import UserError
+    from pipeline.model.spec import use_te
+
+    if getattr(recipe, stage).training.document_attention_mask and use_te(recipe.model):
+        raise UserError(f"{stage}.training.document_attention_mask needs megatron's local attention, but "
+                        f"model.backend = {recipe.model.backend} runs Transformer Engine: set model.backend: local")
+
+
 def masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
     loss, value = token_mean(per_token, loss_mask)
     return loss, {"loss": value}
@@ -88,8 +113,8 @@ class LMTask(Task):
     name = "lm"
 
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = context_parallel_shard(next(data_iterator))
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         return per_token, partial(masked_mean, batch["loss_mask"])
