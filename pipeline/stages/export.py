@@ -22,21 +22,22 @@ import dataclasses
 import json
 import os
 
+from pipeline.config.domain import nonempty_str, positive_float
 from pipeline.errors import UserError
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", metavar="DIR", default="",
+    parser.add_argument("--out", metavar="DIR", default=None, type=nonempty_str,
                         help="output directory (default: <root>/<name>/elastic for an elastic checkpoint, "
                              "<root>/<name>/hf otherwise)")
-    parser.add_argument("--checkpoint", metavar="STAGE_OR_PATH", default="",
+    parser.add_argument("--checkpoint", metavar="STAGE_OR_PATH", default=None, type=nonempty_str,
                         help="stage name or checkpoint path (default: stage2 > stage1 > pretrain, else the "
                              "run's newest stage checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size limit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 

@@ -22,7 +22,7 @@ def wrap_ddp(recipe: Recipe, model: torch.nn.Module) -> DistributedDataParallel:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=recipe.parallelism.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # training/finite.py checks instead (megatron's check is a CUDA-only traceback)
     )
     # bucketing only pays off with overlapped reduction, which needs CUDA streams
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
