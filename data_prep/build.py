@@ -103,10 +103,13 @@ def tokenizer_facts(recipe, tok_dir: str) -> dict:
     """Vocabulary size, EOD and pad ids, token dtype and a content hash of the tokenizer at ``tok_dir``."""
     from megatron.core.datasets.indexed_dataset import DType
 
+    from pipeline.hf.files import load_tokenizer_dir
+
     try:
         tok = load_tokenizer(tok_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"data.tokenizer: cannot load a HF tokenizer from {tok_dir} ({e})") from None
+    except Exception:  # broken tokenizer files: one line naming the file
+        load_tokenizer_dir(tok_dir, "data.tokenizer")
+        raise
     vocab = len(tok)
     if vocab > recipe.model.vocab_size:
         raise UserError(f"the tokenizer at {tok_dir} has {vocab} tokens but model.vocab_size = "

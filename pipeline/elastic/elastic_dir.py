@@ -161,6 +161,7 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
     from tqdm import tqdm
 
     from pipeline.hf import config as hf_config
+    from pipeline.hf.files import has_tokenizer, special_token_ids
     from pipeline.hf.importer import check_inventory
 
     where = os.path.join(src_dir, ELASTIC_JSON)
@@ -170,6 +171,8 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
         cfg = sliced_hf_config(base, model, budget.subnet, cfg_dtype)
     except ValueError as e:
         raise UserError(f"{where}: budget {budget.name!r}: {e}") from None
+    if has_tokenizer(src_dir):  # the sliced model generates with the parent's tokenizer
+        cfg.update(special_token_ids(src_dir))
     files = SafetensorsDir(src_dir)
     check_inventory(files, hf_shapes(model), src_dir)
     small = budget.subnet.model_config(model)

@@ -118,6 +118,7 @@ def main(recipe, args) -> None:
     from pipeline.elastic.elastic_dir import export_elastic
     from pipeline.elastic.storage import format_report
     from pipeline.hf.exporter import export_hf
+    from pipeline.hf.files import read_json
     from pipeline.hf.importer import HF_FILES
     from pipeline.hf.malloc import pin_mmap_threshold
 
@@ -126,8 +127,7 @@ def main(recipe, args) -> None:
     parent = os.path.join(recipe.run.root, recipe.run.name, "import", HF_FILES)
     base = None
     if os.path.isfile(os.path.join(parent, "config.json")):
-        with open(os.path.join(parent, "config.json")) as f:
-            base = json.load(f)
+        base = read_json(os.path.join(parent, "config.json"), "imported parent's config.json")
     single = dataclasses.replace(recipe.parallelism, tp=1, pp=1, ep=1, cp=1, pp_layers=[])
     parallel.initialize(dataclasses.replace(recipe, parallelism=single,
                                             run=dataclasses.replace(recipe.run, device="cpu")))

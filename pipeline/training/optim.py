@@ -61,6 +61,8 @@ def build_optimizer(recipe: Recipe, t: TrainingConfig, model_chunks: List[torch.
         end_wd=t.weight_decay,
         wd_incr_steps=max(t.train_iters, 1),
         wd_incr_style="constant",
+        # the recipe's schedule wins on resume (a re-run with a lowered lr must not die on megatron's assert)
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
 
