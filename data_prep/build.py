@@ -166,6 +166,8 @@ def build_source(recipe, index: int, src, info: dict, strict: bool, force: bool,
     if rep.written == 0:
         reasons = ", ".join(f"{r} x {n}" for r, n in rep.dropped.items())
         example = next(iter(rep.examples.values()), [""])[0]
+        if not rep.read:  # an empty file or directory: name it
+            raise UserError(f"data.sources[{index}] ({src.name}): {path} holds no records")
         raise UserError(f"data.sources[{index}] ({src.name}): none of {rep.read} records could be used "
                         f"({reasons or 'no input'}); e.g. {example}")
     _write_json(prefix + ".json", {"fingerprint": fingerprint, "report": rep.to_dict()})
