@@ -116,9 +116,9 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.setup()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            self.setup()  # inside: a bad checkpoint found while setting up still shuts the process groups down
             self._train()
         finally:
             signal.signal(signal.SIGTERM, previous)
