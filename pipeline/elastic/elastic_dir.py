@@ -36,16 +36,19 @@ MEGATRON_DIR = "megatron"
 
 def read_budgets(path: str, model: ModelConfig) -> List[ResolvedBudget]:
     """The budgets of an ``elastic_budgets.json`` / ``elastic.json``, each checked against ``model``."""
+    from pipeline.hf.files import read_json
+
+    data = read_json(path, "budgets file")  # missing / malformed: one line naming the file
     try:
-        with open(path) as f:
-            budgets = budgets_from_json(json.load(f), path)
+        budgets = budgets_from_json(data, path)
         for b in budgets:
             try:
                 b.subnet.check(model)
             except ValueError as e:
                 raise ValueError(f"{path}: budget {b.name!r}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0]) from None
+    except (KeyError, TypeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(first if first.startswith(path) else f"{path}: malformed ({first})") from None
     if not budgets:
         raise UserError(f"{path}: no budgets")
     return budgets

@@ -33,7 +33,11 @@ CARRIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
 def checkpoint_tensors(ckpt_dir: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    except Exception as e:  # a torn or foreign .metadata
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{ckpt_dir}: cannot read the checkpoint's tensor metadata ({first[:200]})") from None
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
 
 

@@ -53,6 +53,7 @@ def latest_iteration(root: str) -> Optional[int]:
 def resolve(path_or_root: str) -> str:
     """A checkpoint directory from either an ``iter_*`` dir or a ``checkpoints`` root (its latest)."""
     if os.path.isfile(os.path.join(path_or_root, "metadata.json")):
+        _check_dir(path_or_root)
         return path_or_root
     it = latest_iteration(path_or_root)
     if it is None:
@@ -60,6 +61,7 @@ def resolve(path_or_root: str) -> str:
     d = iter_dir(path_or_root, it)
     if not os.path.isdir(d):
         raise UserError(f"{os.path.join(path_or_root, LATEST)} names iteration {it} but {d} is missing")
+    _check_dir(d)
     return d
 
 
