@@ -170,7 +170,14 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except ValueError as e:  # megatron matches param groups by their lr / min_lr / weight-decay settings
+            if "parameter group" not in str(e):
+                raise
+            raise UserError(f"{ckpt}: its optimizer state was saved under other training.lr / min_lr / weight_decay "
+                            "values; resume with those, or start a new run from its weights with "
+                            f"training.init_from={ckpt}") from None
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:

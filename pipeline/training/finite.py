@@ -44,5 +44,5 @@ def check_finite(values: Dict[str, float], grad_norm: Optional[float], step: int
     trained = sorted({k.split("/")[1] for k in values if "/" in k})
     budget = ", ".join(at_fault or trained) or "full model"
     raise NonFiniteError(f"{stage}: non-finite {', '.join(parts)} at step {step} (budget: {budget}); the run "
-                         "diverged: lower training.lr or raise training.clip_grad, then re-run to resume from the "
-                         "last checkpoint")
+                         "diverged and this step was not saved: lower training.lr and start from the last "
+                         "checkpoint's weights (training.init_from)")

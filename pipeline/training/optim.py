@@ -62,7 +62,7 @@ def build_optimizer(recipe: Recipe, t: TrainingConfig, model_chunks: List[torch.
         wd_incr_steps=max(t.train_iters, 1),
         wd_incr_style="constant",
         # the recipe's schedule wins on resume (a re-run with a lowered lr must not die on megatron's assert)
-        override_opt_param_scheduler=True,
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 
