@@ -12,7 +12,6 @@ prediction blocks: refused); symbols with no NemotronH block (G, D, +) are refus
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Dict, Optional

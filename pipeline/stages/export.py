@@ -19,7 +19,6 @@ training. ``python -m pipeline slice`` cuts one budget out of it (docs/elastic_e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from pipeline.config.domain import nonempty_str, positive_float
