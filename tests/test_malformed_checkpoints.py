@@ -62,6 +62,10 @@ def ckpt_metadata_a_list(tmp):
     return _iter_dir(tmp / "ck", metadata=b"[1]"), ["metadata.json", "must hold a JSON object"]
 
 
+def ckpt_metadata_not_utf8(tmp):
+    return _iter_dir(tmp / "ck", metadata=b'{"sharded_backend": "\xff"}'), ["metadata.json", "not UTF-8"]
+
+
 def ckpt_metadata_missing(tmp):
     return _iter_dir(tmp / "ck", metadata=None), ["iter_0000003", "metadata.json missing"]
 
@@ -80,6 +84,7 @@ CHECKPOINTS = {
     "latest marker names a missing iteration": ckpt_marker_names_missing_iteration,
     "metadata.json malformed": ckpt_metadata_malformed,
     "metadata.json a list": ckpt_metadata_a_list,
+    "metadata.json not UTF-8": ckpt_metadata_not_utf8,
     "metadata.json missing": ckpt_metadata_missing,
     "elastic_budgets.json malformed": ckpt_budgets_malformed,
 }
@@ -104,6 +109,22 @@ def test_torn_tensor_metadata_stops_the_real_export(tmp_path, capsys):
     expect_user_error(["export", "--recipe", _recipe(tmp_path), "--checkpoint", str(root), "--out",
                        str(tmp_path / "runs" / "t" / "hf")], capsys, tmp_path, "iter_0000003",
                       "cannot read the checkpoint's tensor metadata")
+
+
+def test_resume_from_a_torn_checkpoint(tmp_path, capsys):
+    """The stage's own latest checkpoint has a garbage common.pt: the resume names it (and the process groups the
+    stage set up are shut down, so the next in-process run starts clean)."""
+    root = _iter_dir(tmp_path / "runs" / "t" / "pretrain" / "checkpoints")
+    (root / "iter_0000003" / "common.pt").write_bytes(os.urandom(256))
+    raw = tiny_raw(tmp_path)
+    raw["model"].update(pattern="ME*-", num_layers=4)
+    raw["training"].update(train_iters=4, seq_length=32, lr_warmup_iters=0)
+    raw["logging"]["tensorboard"] = False
+    expect_user_error(["pretrain", "--recipe", write_recipe(tmp_path, raw)], capsys, tmp_path,
+                      str(root / "iter_0000003"), "cannot read the checkpoint's common state")
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
 
 
 # ---- Hugging Face directories (import --dry-run checks config.json and every safetensors header) ---------------

@@ -66,6 +66,43 @@ def empty_gz(d):
     return p, ["holds no records"]
 
 
+def zero_byte_gz(d):
+    p = d / "s.jsonl.gz"
+    p.write_bytes(b"")
+    return p, ["holds no records"]
+
+
+def gz_cut_in_header(d):
+    p = d / "s.jsonl.gz"
+    _gz(p, GOOD)
+    p.write_bytes(p.read_bytes()[:10])
+    return p, ["s.jsonl.gz:1", "truncated or corrupt gzip"]
+
+
+def gz_trailing_garbage(d):
+    p = d / "s.jsonl.gz"
+    _gz(p, GOOD)
+    p.write_bytes(p.read_bytes() + b"garbage after the member")
+    return p, ["s.jsonl.gz:", "truncated or corrupt gzip"]
+
+
+def truncated_gz_in_a_dir(d):
+    p = d / "shards"
+    p.mkdir()
+    (p / "a.jsonl").write_bytes(GOOD)
+    _gz(p / "b.jsonl.gz", b"".join(b'{"text": "doc %d"}\n' % i for i in range(50000)))
+    data = (p / "b.jsonl.gz").read_bytes()
+    (p / "b.jsonl.gz").write_bytes(data[: len(data) // 3])
+    return p, [str(p / "b.jsonl.gz") + ":", "truncated or corrupt gzip"]
+
+
+def only_hidden_files(d):
+    p = d / "hidden"
+    p.mkdir()
+    (p / ".part.jsonl").write_bytes(GOOD)
+    return p, ["holds no records"]
+
+
 def empty_dir(d):
     p = d / "empty"
     p.mkdir()
@@ -152,6 +189,11 @@ CASES = {
     "empty .jsonl": empty_jsonl,
     "empty .jsonl.gz": empty_gz,
     "empty directory": empty_dir,
+    "0-byte .gz": zero_byte_gz,
+    ".gz cut inside its header": gz_cut_in_header,
+    ".gz with trailing garbage": gz_trailing_garbage,
+    "truncated .gz among good shards": truncated_gz_in_a_dir,
+    "directory of hidden files only": only_hidden_files,
     "malformed JSON line": line(b'{"text": "x", }', "not valid JSON"),
     "line is not an object": line(b"[1, 2]", "not a JSON object"),
     "line lacks the field": line(b'{"body": "x"}', "lacks the configured field"),
@@ -225,6 +267,9 @@ TOKENIZER_CASES = {
     "malformed tokenizer.json": ("tokenizer.json", b'{"version": "1.0", "model": ', ["cannot load the data.tokenizer"]),
     "malformed tokenizer_config.json": ("tokenizer_config.json", b"{not json", ["tokenizer_config.json:1",
                                                                               "not valid JSON"]),
+    "malformed special_tokens_map.json": ("special_tokens_map.json", b'{"eos_token": ', ["special_tokens_map.json:1",
+                                                                                       "not valid JSON"]),
+    "tokenizer.json missing": ("tokenizer.json", None, ["cannot load the data.tokenizer"]),
     "tokenizer_config.json not UTF-8": ("tokenizer_config.json", b'{"a": "\xff"}', ["tokenizer_config.json",
                                                                                   "not UTF-8"]),
 }
@@ -254,3 +299,25 @@ def test_tokenizer_larger_than_the_model(tmp_path, capsys, tokenizer_dir):
     recipe = write_recipe(tmp_path, raw)
     expect_user_error(["data", "--recipe", recipe, "--no-progress"], capsys, tmp_path, tokenizer_dir,
                       "model.vocab_size = 256")
+
+
+@pytest.mark.parametrize("kind", ["s.jsonl", "docs/a.txt"])
+def test_unreadable_source_file(kind, tmp_path, capsys, tokenizer_dir, monkeypatch):
+    """No read permission (simulated: CI runs as root, which chmod does not stop): the file is named."""
+    import builtins
+
+    inputs = tmp_path / "inputs"
+    (inputs / "docs").mkdir(parents=True)
+    target = inputs / kind
+    target.write_bytes(GOOD if kind.endswith("jsonl") else b"a text document")
+    recipe = _recipe(tmp_path, tokenizer_dir, {"name": "s", "path": str(target.parent if "/" in kind else target)})
+    real_open = builtins.open
+
+    def guarded(file, *a, **k):
+        if str(file) == str(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    expect_user_error(["data", "--recipe", recipe, "--strict", "--no-progress"], capsys, tmp_path, str(target),
+                      "could not be read", "Permission denied")
