@@ -149,7 +149,13 @@ def build_source(recipe, index: int, src, info: dict, strict: bool, force: bool,
         if not getattr(tok, "chat_template", None):
             raise UserError(f"data.sources[{index}] ({src.name}) is format chat but the tokenizer at "
                             f"{info['tokenizer']} has no chat template")
-        inline = not formats.template_renders_reasoning(tok)
+        try:
+            inline = not formats.template_renders_reasoning(tok)
+        except Exception as e:  # a chat template that does not compile or render (jinja errors)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{info['tokenizer']}: the tokenizer's chat template fails on a plain two-turn chat "
+                            f"({type(e).__name__}: {first[:200]}) [data.sources[{index}] ({src.name}) is format chat]"
+                            ) from None
     rep = SourceReport(name=src.name, path=path, format=src.format)
     if inline:
         rep.notes.append("the chat template ignores reasoning_content: inlined as <think>...</think>")

@@ -207,7 +207,11 @@ def _arrow_chunks(path: str) -> Iterator[Chunk]:
 def _hf_chunks(path: str, split: str) -> Iterator[Chunk]:
     import datasets
 
-    ds = datasets.load_from_disk(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # a torn state.json / dataset_info.json / arrow file of a saved dataset
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot load the saved HF dataset ({type(e).__name__}: {first[:200]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"{path}: the saved HF dataset has splits {', '.join(ds)}, not {split!r} "

@@ -321,3 +321,49 @@ def test_unreadable_source_file(kind, tmp_path, capsys, tokenizer_dir, monkeypat
     monkeypatch.setattr(builtins, "open", guarded)
     expect_user_error(["data", "--recipe", recipe, "--strict", "--no-progress"], capsys, tmp_path, str(target),
                       "could not be read", "Permission denied")
+
+
+def _saved_dataset(d):
+    import datasets
+
+    p = d / "hf"
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(p))
+    return p
+
+
+def hf_state_torn(d):
+    p = _saved_dataset(d)
+    (p / "state.json").write_text('{"_data_files": [')
+    return p
+
+
+def hf_arrow_torn(d):
+    p = _saved_dataset(d)
+    arrow = next(f for f in os.listdir(p) if f.endswith(".arrow"))
+    (p / arrow).write_bytes(b"not arrow")
+    return p
+
+
+@pytest.mark.parametrize("make", [hf_state_torn, hf_arrow_torn])
+def test_torn_saved_hf_dataset(make, tmp_path, capsys, tokenizer_dir):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    path = make(inputs)
+    recipe = _recipe(tmp_path, tokenizer_dir, {"name": "s", "path": str(path)})
+    expect_user_error(["data", "--recipe", recipe, "--strict", "--no-progress"], capsys, tmp_path, str(path))
+
+
+def test_chat_template_that_does_not_render(tmp_path, capsys, tokenizer_dir):
+    tok = tmp_path / "tok"
+    import shutil
+
+    shutil.copytree(tokenizer_dir, tok)
+    (tok / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }{% endfor %}")  # unbalanced
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "c.jsonl").write_text(json.dumps(CHAT_OK) + "\n")
+    raw = tiny_raw(tmp_path)
+    raw["data"].update(tokenizer=str(tok), num_workers=0,
+                       sources=[{"name": "c", "path": str(inputs / "c.jsonl"), "format": "chat"}])
+    expect_user_error(["data", "--recipe", write_recipe(tmp_path, raw), "--no-progress"], capsys, tmp_path, str(tok),
+                      "chat template", "data.sources[0] (c)")
