@@ -65,3 +65,22 @@ def test_metrics_after_a_resume_continue_from_the_checkpoint(tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0, 17.0, 18.0]
+
+
+def test_the_message_names_the_budgets_at_fault():
+    """Elastic stages log per-budget values as "<what>/<budget>": the line names the budgets whose values are
+    non-finite, else the budgets the step trained; a single process needs no collective."""
+    import pytest
+    import torch
+
+    from pipeline.errors import NonFiniteError
+    from pipeline.training.finite import check_finite
+
+    cpu = torch.device("cpu")
+    check_finite({"loss": 1.0, "kd/full": 0.5}, 2.0, 7, "stage1", cpu)  # finite: nothing happens
+    with pytest.raises(NonFiniteError, match=r"stage1: non-finite loss = nan, kd/small = nan at step 7 "
+                                             r"\(budget: small\)") as e:
+        check_finite({"loss": math.nan, "kd/full": 0.5, "kd/small": math.nan, "size/small": 0.4}, 3.0, 7, "stage1", cpu)
+    assert e.value.exit_code == 3
+    with pytest.raises(NonFiniteError, match=r"non-finite grad norm = inf at step 9 \(budget: full, medium\)"):
+        check_finite({"loss": 2.0, "kd/full": 1.0, "kd/medium": 1.0}, math.inf, 9, "stage2", cpu)

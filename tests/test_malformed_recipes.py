@@ -85,6 +85,8 @@ CASES = {
     "data.demo_corpus.records negative": (setting("data.demo_corpus.records", -5), "data",
                                           ["data.demo_corpus.records = -5"]),
     "data.split": (setting("data.split", "a,b,c"), "data", ["data.split = 'a,b,c'"]),
+    "data source text_field empty": (setting("data.sources[1].text_field", ""), "data",
+                                     ["data.sources[1].text_field = ''", "empty"]),
     # training (the top-level section every stage inherits)
     "training.lr negative": (setting("training.lr", -1e-3), "pretrain", ["training.lr = -0.001", "> 0"]),
     "training.lr nan": (setting("training.lr", NAN), "pretrain", ["training.lr = nan"]),
