@@ -271,6 +271,14 @@ def el_json_without_model(tmp):
     return d, ["elastic.json", "malformed", "model"]
 
 
+def el_json_negative_size(tmp):
+    d = _elastic_dir(tmp)
+    data = json.loads((d / "elastic.json").read_text())
+    data["model"]["hidden_size"] = -64
+    (d / "elastic.json").write_text(json.dumps(data))
+    return d, ["elastic.json", "model.hidden_size = -64"]
+
+
 def el_unknown_budget(tmp):
     return _elastic_dir(tmp), ["elastic.json", "no budget 'small'", "budgets: full"]
 
@@ -292,6 +300,7 @@ ELASTIC = {
     "no elastic.json": (el_no_json, "full"),
     "elastic.json malformed": (el_json_malformed, "full"),
     "elastic.json without model": (el_json_without_model, "full"),
+    "elastic.json with a negative size": (el_json_negative_size, "full"),
     "unknown budget": (el_unknown_budget, "small"),
     "config.json malformed": (el_config_malformed, "full"),
     "tokenizer.json malformed": (el_tokenizer_malformed, "full"),

@@ -66,6 +66,12 @@ def read_elastic(ckpt_dir: str) -> Tuple[Dict[str, Any], ModelConfig, List[Resol
         model = ModelConfig(**data["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: malformed ({str(e).splitlines()[0]})") from None
+    from pipeline.config.domain import check_domains
+
+    def fail(msg):
+        raise UserError(f"{path}: {msg}")
+
+    check_domains(model, "model", fail)  # sizes a hand-edited elastic.json could break
     return data, model, read_budgets(path, model)
 
 

@@ -186,7 +186,7 @@ class Trainer:
         values = self._average_over_dp(values)
         check_finite(values, grad_norm, self.iteration + 1, self.stage, self.device)  # all ranks stop together
         self.scheduler.step(increment=1)
-        values.update(grad_norm=grad_norm if grad_norm is not None else 0.0, lr=self.optimizer.param_groups[0]["lr"])
+        values.update(grad_norm=0.0 if grad_norm is None else grad_norm, lr=self.optimizer.param_groups[0]["lr"])
         return values
 
     def _average_over_dp(self, values: dict) -> dict:
