@@ -46,7 +46,7 @@ test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 params:
 	$(PY) -m pipeline params --recipe $(RECIPE) $(ARGS)
 
-demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -> pretrain -> importance -> stage1 -> stage2 -> export -> slice -> evaluate
+demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -> pretrain -> importance -> stage1 -> stage2 -> export -> slice -> evaluate -> budget-eval
 	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline importance --recipe $(RECIPE) importance.data=blend $(ARGS)
@@ -55,6 +55,7 @@ demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -
 	$(PY) -m pipeline export --recipe $(RECIPE) --overwrite $(ARGS)
 	$(PY) -m pipeline slice --recipe $(RECIPE) --budget small --out runs/tiny/small --overwrite $(ARGS)
 	$(PY) -m pipeline evaluate --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline budget-eval --recipe $(RECIPE) $(ARGS)
 
 .PHONY: slice
 BUDGET ?=

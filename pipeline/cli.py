@@ -27,7 +27,10 @@ STAGES = {
     "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
+    "generate": ("generate", "think with a small budget, answer with a large one (one copy of the weights)"),
+    "budget-eval": ("budget_eval", "accuracy and latency of every think/answer budget pair on held-out problems"),
 }
+RECIPE_OPTIONAL = {"generate"}  # stages that run from a checkpoint directory alone
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +44,8 @@ def build_parser(stage: str = "") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=_Parser)
     for name, (module, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+        p.add_argument("--recipe", required=name not in RECIPE_OPTIONAL, default="",
+                       help="recipe YAML (recipes/*.yaml)" + (" (optional)" if name in RECIPE_OPTIONAL else ""))
         p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
         add = getattr(_stage_module(module), "add_arguments", None) if name == stage else None
@@ -88,6 +92,11 @@ def run(argv=None) -> None:
     if not args.stage:
         parser.print_help()
         raise UserError("no stage given")
+    if not args.recipe:  # a RECIPE_OPTIONAL stage without one
+        if args.overrides or args.dry_run:
+            raise UserError(f"{args.stage}: recipe overrides and --dry-run need --recipe")
+        _stage_module(STAGES[args.stage][0]).main(None, args)
+        return
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(f"# resolved recipe for stage '{args.stage}' from {args.recipe}")

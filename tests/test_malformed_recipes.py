@@ -165,6 +165,12 @@ CASES = {
                                         ["stage2.training.min_lr = 0.001 exceeds lr = 0.0005"]),
     "stage2.training.adam_beta1 nan": (setting("stage2.training.adam_beta1", NAN), "stage2",
                                        ["stage2.training.adam_beta1 = nan"]),
+    # budget_eval
+    "budget_eval.num_problems zero": (setting("budget_eval.num_problems", 0), "budget-eval",
+                                      ["budget_eval.num_problems = 0"]),
+    "budget_eval.token_budget_caps negative": (setting("budget_eval.token_budget_caps", [4, -1]), "budget-eval",
+                                               ["budget_eval.token_budget_caps = [4, -1]", "item [1]"]),
+    "budget_eval.engine": (setting("budget_eval.engine", "fused"), "budget-eval", ["budget_eval.engine = 'fused'"]),
     # slurm
     "slurm.nodes zero": (setting("slurm.nodes", 0), "pretrain", ["slurm.nodes = 0"]),
     "slurm.master_port": (setting("slurm.master_port", 70000), "pretrain", ["slurm.master_port = 70000"]),

@@ -161,9 +161,9 @@ def test_tiny_chain_with_te(tmp_path, record):
     for stage, extra in chain:
         proc = run_cli(stage, "--recipe", TINY, *common, *extra)
         assert proc.returncode == 0, f"{stage}: " + proc.stderr[-4000:]
-        logs[stage] = proc.stdout
+        logs[stage] = proc.stdout + proc.stderr  # log lines go through logging (stderr), results to stdout
         if stage in ("pretrain", "stage1", "stage2"):
-            assert "cuda bf16 te" in proc.stdout, proc.stdout[-2000:]
+            assert "cuda bf16 te" in logs[stage], logs[stage][-2000:]
     with open(os.path.join(tmp_path, "tiny", "evaluate", "stage2.json")) as f:
         result = json.load(f)
     last = {s: [line for line in logs[s].splitlines() if "step 30/30" in line][-1] for s in ("pretrain", "stage1", "stage2")}
