@@ -12,7 +12,6 @@ Call these on every rank: with torch.distributed initialized, rank 0 builds the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -44,12 +43,14 @@ class IndexedTokenizer:
 
 def read_manifest(recipe) -> dict:
     path = os.path.join(layout.data_dir(recipe), layout.MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except OSError:
+    if not os.path.isfile(path):
         raise UserError(f"no prepared data at {path}: run `python -m pipeline data --recipe <recipe>` first, "
-                        "or use training.data=synthetic") from None
+                        "or use training.data=synthetic")
+    from pipeline.hf.files import read_json
+
+    manifest = read_json(path, "data manifest")
+    if not all(k in manifest for k in ("sources", "data_config", "vocab_size")):
+        raise UserError(f"{path}: not a data manifest (re-run the data stage)")
     for i, src in enumerate(recipe.data.sources):
         if src.name not in manifest["sources"]:
             raise UserError(f"data.sources[{i}] ({src.name}) is not in {path}: re-run the data stage")

@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     try:
         run(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ import os
 import re
 
 from pipeline.config.parallel_checks import check_stage_layouts, validate_stage_layouts
+from pipeline.config.domain import check_domains
 from pipeline.config.schema import TRAIN_STAGES, Recipe
 from pipeline.errors import UserError
 
@@ -36,6 +37,8 @@ def validate(recipe: Recipe, source: str = "<recipe>", stage_layouts: bool = Tru
             obj = getattr(obj, part)
         return obj
 
+    check_domains(recipe, fail=fail)  # each key's own domain (schema.py), then the relations below
+    _validate_relations(recipe, fail)
     for path, allowed in CHOICES.items():
         if get(path) not in allowed:
             fail(f"{path} = {get(path)!r}, expected one of {', '.join(allowed)}")
@@ -114,6 +117,22 @@ def validate(recipe: Recipe, source: str = "<recipe>", stage_layouts: bool = Tru
     _validate_elastic(recipe, fail)
     _validate_importance(recipe, fail)
     _validate_slurm(recipe, fail)
+
+
+def _validate_relations(recipe: Recipe, fail) -> None:
+    """Relations between keys that no single key's domain expresses."""
+    for stage in TRAIN_STAGES:
+        t = getattr(recipe, stage).training
+        if t.min_lr > t.lr:
+            fail(f"{stage}.training.min_lr = {t.min_lr:g} exceeds lr = {t.lr:g}")
+    fractions = [b.fraction for b in recipe.elastic.budgets]
+    if len(set(fractions)) != len(fractions):
+        dup = next(f for f in fractions if fractions.count(f) > 1)
+        fail(f"elastic.budgets: two budgets have fraction {dup:g} (each budget needs its own size)")
+    m = recipe.model
+    if m.num_query_groups > m.num_attention_heads:
+        fail(f"model.num_query_groups = {m.num_query_groups} exceeds model.num_attention_heads = "
+             f"{m.num_attention_heads}")
 
 
 DATA_FORMATS = ("text", "chat")

@@ -55,8 +55,10 @@ def removal_order(recipe) -> List[int]:
     if not os.path.isfile(path):
         raise UserError(f"elastic.axes.depth needs the importance stage's layer ranking: {path} is missing "
                         f"(run importance with importance.depth: true)")
-    with open(path) as f:
-        order = json.load(f).get("depth", {}).get("removal_order")
+    from pipeline.hf.files import read_json
+
+    depth = read_json(path, "importance report").get("depth")
+    order = depth.get("removal_order") if isinstance(depth, dict) else None
     if not order:
         raise UserError(f"{path} has no depth.removal_order: rerun importance with importance.depth: true")
     return [int(i) for i in order]

@@ -43,7 +43,8 @@ def latest_iteration(root: str) -> Optional[int]:
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        text = f.read(64).decode("utf-8", errors="replace").strip()
     if not text.isdigit():
         raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}")
     return int(text)
@@ -52,6 +53,7 @@ def latest_iteration(root: str) -> Optional[int]:
 def resolve(path_or_root: str) -> str:
     """A checkpoint directory from either an ``iter_*`` dir or a ``checkpoints`` root (its latest)."""
     if os.path.isfile(os.path.join(path_or_root, "metadata.json")):
+        _check_dir(path_or_root)
         return path_or_root
     it = latest_iteration(path_or_root)
     if it is None:
@@ -59,6 +61,7 @@ def resolve(path_or_root: str) -> str:
     d = iter_dir(path_or_root, it)
     if not os.path.isdir(d):
         raise UserError(f"{os.path.join(path_or_root, LATEST)} names iteration {it} but {d} is missing")
+    _check_dir(d)
     return d
 
 
@@ -149,14 +152,17 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     if optimizer is not None:
         _init_adam_steps(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
-    common = dist_checkpointing.load_common_state_dict(ckpt)
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except Exception as e:  # a torn or foreign common.pt
+        raise UserError(f"{ckpt}: cannot read the checkpoint's common state ({_first_line(e)})") from None
     same_world = common.get("state", {}).get("world_size") == dist.get_world_size()
     if load_rng and same_world:
         sd["rng"] = _rank_object("rng_state", None)
     try:
         loaded, ckpt_only, model_only = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.RETURN_ALL)
     except Exception as e:  # a checkpoint of another model: name the tensor that does not fit
-        raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"{ckpt}: cannot load into this model: {_first_line(e)[:300]}") from None
     _check_accounted(ckpt, ckpt_only, model_only, missing_ok, model_only_load=optimizer is None)
     for i, m in enumerate(model_chunks):
         missing, unexpected = unwrap_model(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
@@ -164,7 +170,14 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except ValueError as e:  # megatron matches param groups by their lr / min_lr / weight-decay settings
+            if "parameter group" not in str(e):
+                raise
+            raise UserError(f"{ckpt}: its optimizer state was saved under other training.lr / min_lr / weight_decay "
+                            "values; resume with those, or start a new run from its weights with "
+                            f"training.init_from={ckpt}") from None
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:
@@ -213,5 +226,12 @@ def _init_adam_steps(optimizer) -> None:
 
 
 def _check_dir(ckpt: str) -> None:
+    from pipeline.hf.files import read_json
+
     if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
         raise UserError(f"{ckpt} is not a megatron dist checkpoint (metadata.json missing)")
+    read_json(os.path.join(ckpt, "metadata.json"), "checkpoint metadata")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -26,6 +26,7 @@ from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 from pipeline.model.spec import use_te as recipe_uses_te
 from pipeline.training import checkpoint, metrics
+from pipeline.training.finite import check_finite
 from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
 from pipeline.training.task import Task
 
@@ -115,9 +116,9 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.setup()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            self.setup()  # inside: a bad checkpoint found while setting up still shuts the process groups down
             self._train()
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -128,7 +129,8 @@ class Trainer:
 
     def _train(self) -> None:
         t, ck = self.t, self.recipe.checkpointing
-        writer = metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard) if self.is_logger else None
+        writer = (metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard, resume_step=self.iteration)
+                  if self.is_logger else None)
         fpt = metrics.flops_per_token(self.recipe.model, t.seq_length)
         peak = metrics.peak_tflops(self.recipe.logging.peak_tflops)
         timer, start_time, start_iter = metrics.StepTimer(), time.perf_counter(), self.iteration
@@ -179,12 +181,12 @@ class Trainer:
             forward_only=False, **self.task.schedule_kwargs(),
         )
         ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise RuntimeError(f"optimizer step {self.iteration + 1} failed (non-finite gradients)")
-        self.scheduler.step(increment=1)
+        grad_norm = float(grad_norm) if ok and grad_norm is not None else (None if ok else float("nan"))
         values = self.task.reduce_logs(loss_dicts) if parallel_state.is_pipeline_last_stage() else {}
         values = self._average_over_dp(values)
-        values.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"])
+        check_finite(values, grad_norm, self.iteration + 1, self.stage, self.device)  # all ranks stop together
+        self.scheduler.step(increment=1)
+        values.update(grad_norm=0.0 if grad_norm is None else grad_norm, lr=self.optimizer.param_groups[0]["lr"])
         return values
 
     def _average_over_dp(self, values: dict) -> dict:

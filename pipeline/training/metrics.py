@@ -71,9 +71,11 @@ class StepTimer:
 class MetricsWriter:
     """metrics.jsonl (every step, for exact-resume checks and plots) and TensorBoard (optional)."""
 
-    def __init__(self, stage_dir: str, tensorboard: bool):
+    def __init__(self, stage_dir: str, tensorboard: bool, resume_step: int = 0):
         os.makedirs(os.path.join(stage_dir, "logs"), exist_ok=True)
-        self.jsonl = open(os.path.join(stage_dir, "logs", "metrics.jsonl"), "a")
+        path = os.path.join(stage_dir, "logs", "metrics.jsonl")
+        truncate_metrics(path, resume_step)
+        self.jsonl = open(path, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -91,6 +93,25 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop the records after ``last_step`` (the checkpoint a run resumes from): the resumed run writes those
+    steps again, so the file keeps one record per step. A torn last line (a killed writer) goes too."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(stage_dir: str) -> Dict[int, Dict[str, float]]:

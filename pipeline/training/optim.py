@@ -22,7 +22,7 @@ def wrap_ddp(recipe: Recipe, model: torch.nn.Module) -> DistributedDataParallel:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=recipe.parallelism.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # training/finite.py checks instead (megatron's check is a CUDA-only traceback)
     )
     # bucketing only pays off with overlapped reduction, which needs CUDA streams
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
@@ -61,6 +61,8 @@ def build_optimizer(recipe: Recipe, t: TrainingConfig, model_chunks: List[torch.
         end_wd=t.weight_decay,
         wd_incr_steps=max(t.train_iters, 1),
         wd_incr_style="constant",
+        # the recipe's schedule wins on resume (a re-run with a lowered lr must not die on megatron's assert)
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 
