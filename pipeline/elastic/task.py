@@ -1,7 +1,9 @@
 """The elastic stages' Task: one micro-batch = one sampled budget, router choice, nested masks, KD + budget loss.
 
 Per micro-batch (identically on every rank: the budget and the Gumbel noise are pure functions of
-(run.seed, iteration, micro-batch), so TP/EP/PP/DP peers mask the same subnet):
+(run.seed, iteration, micro-batch), so TP/EP/PP/DP peers mask the same subnet; the noise is drawn on the model's
+device from a generator seeded per step, and all micro-batches' choices are drawn at ``begin_step`` with ONE
+host copy of what must be a host number, so no micro-batch waits for the device):
 
 1. sample the budget (``stageN.budget_weights``, uniform when empty);
 2. the router maps it to a choice per axis (Gumbel-softmax at tau(step), logits x the ramped scaler);
@@ -36,13 +38,13 @@ from pipeline.elastic.budget import budget_loss, target_size
 from pipeline.elastic.kd import forward_kl, sample_budget
 from pipeline.elastic.masks import ElasticMasks
 from pipeline.elastic.masks.spec import build_elastic_model
-from pipeline.elastic.router import ElasticRouter, logit_scale_at, tau_at
+from pipeline.elastic.router import ElasticRouter, fetch_to_host, logit_scale_at, tau_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
 from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
 from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
-from pipeline.training.task import Task, token_mean
+from pipeline.training.task import Task, mean_logs, token_mean
 
 AXIS_TAGS = {"hidden": "h", "attention_heads": "attn", "mamba_heads": "mamba", "ffn": "ffn", "moe_ffn": "moe_ffn",
              "shared_expert_ffn": "shared", "experts": "experts", "depth": "layers"}
@@ -61,8 +63,8 @@ def removal_order(recipe) -> List[int]:
     return [int(i) for i in order]
 
 
-def _noise_seed(seed: int, iteration: int, micro: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(iteration), int(micro), 7]).generate_state(1)[0])
+def _noise_seed(seed: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(iteration), 7]).generate_state(1)[0])
 
 
 class ElasticTask(Task):
@@ -115,6 +117,7 @@ class ElasticTask(Task):
 
         config.finalize_model_grads_func = finalize_with_router
         self.teacher_src = src
+        self.device = device
 
     def schedule_kwargs(self):
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -123,18 +126,34 @@ class ElasticTask(Task):
 
     # ---- one step
     def begin_step(self, iteration: int) -> None:
+        """Draw this step's budgets and router choices (with their autograd graphs) for every micro-batch, and
+        bring their host numbers over in one transfer: the router's parameters do not change within a step."""
         self.iteration, self.micro = iteration, 0
+        self.generator = torch.Generator(device=self.router_device()).manual_seed(
+            _noise_seed(self.recipe.run.seed, iteration))
+        self.drawn = [self._draw(mb) for mb in range(self.num_microbatches)]
+        fetch_to_host([a for _, choice in self.drawn for a in choice.axes.values()])
+
+    def router_device(self) -> torch.device:
+        return next(self.slot.parameters()).device
+
+    def _draw(self, mb: int):
+        b = sample_budget(self.recipe.run.seed, self.iteration, mb, self.weights)
+        tau, scale = self.schedule()
+        return b, self.slot(b, tau, scale, self.hard, self.generator)
 
     def schedule(self):
         e = self.recipe.elastic
         return tau_at(self.iteration, e), logit_scale_at(self.iteration, self.total_steps, e)
 
     def forward_step(self, data_iterator, model):
-        seed, it, mb = self.recipe.run.seed, self.iteration, self.micro
+        mb = self.micro
         self.micro += 1
-        b = sample_budget(seed, it, mb, self.weights)
-        tau, scale = self.schedule()
-        choice = self.slot(b, tau, scale, self.hard, torch.Generator().manual_seed(_noise_seed(seed, it, mb)))
+        # drawn at begin_step; a schedule running more micro-batches than announced draws the rest here
+        if mb < len(self.drawn):
+            (b, choice), self.drawn[mb] = self.drawn[mb], None  # its graph is the loss's from here on
+        else:
+            b, choice = self._draw(mb)
         self.masks.set_choice(choice)
 
         batch = next(data_iterator)
@@ -156,17 +175,15 @@ class ElasticTask(Task):
         bl = bl.to(kd.device)
         loss = kd + e.budget_loss_alpha * bl / replicas  # replicated on TP and CP ranks: counted once
         logs = {"loss": (kd_value + e.budget_loss_alpha * bl.detach()).detach(), f"kd/{budget.name}": kd_value,
-                f"budget_loss/{budget.name}": bl.detach(),
-                f"size/{budget.name}": torch.tensor(expected / self.full_size)}
-        for axis, size in choice.sizes().items():
+                f"budget_loss/{budget.name}": bl.detach(), f"size/{budget.name}": (expected / self.full_size)}
+        for axis, size in choice.sizes().items():  # host numbers (the step's one fetch): CPU tensors
             logs[f"choice/{budget.name}/{axis}"] = torch.tensor(float(np.mean(size)))
         return loss, logs
 
     # ---- logs
     def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Each key's mean over the micro-batches that trained its budget ("loss": all of them)."""
-        keys = sorted({k for d in loss_dicts for k in d})
-        return {k: float(torch.stack([d[k].float().cpu() for d in loss_dicts if k in d]).mean()) for k in keys}
+        return mean_logs(loss_dicts)
 
     def log_extra(self, values: Dict[str, float]) -> str:
         tau, _ = self.schedule()

@@ -63,6 +63,7 @@ class Trainer:
             raise UserError(f"{self.stage}.training.global_batch_size = {t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {self.dp}")
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.task.num_microbatches = self.num_micro
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
         if dist.get_rank() == 0:

@@ -37,6 +37,9 @@ class Task(abc.ABC):
     # Checkpoint keys a ``training.init_from`` source may lack (modules the stage adds, e.g. the elastic router).
     init_missing_ok: Tuple[str, ...] = ()
 
+    # Micro-batches per optimizer step (set by the loop before the first step; 0 = unknown).
+    num_microbatches: int = 0
+
     def begin_step(self, iteration: int) -> None:
         """Called before each optimizer step's micro-batches (iteration = steps already taken)."""
 
@@ -63,8 +66,19 @@ class Task(abc.ABC):
 
     def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Mean of every reported value over the step's micro-batches."""
-        keys = loss_dicts[0].keys() if loss_dicts else []
-        return {k: float(torch.stack([d[k].float() for d in loss_dicts]).mean()) for k in keys}
+        return mean_logs(loss_dicts)
+
+
+def mean_logs(loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Each key's mean over the micro-batches that report it, brought to the host in one transfer per device
+    (one sync per step, not one per value)."""
+    keys = sorted({k for d in loss_dicts for k in d})
+    means = {k: torch.stack([d[k].detach().float() for d in loss_dicts if k in d]).mean() for k in keys}
+    out: Dict[str, float] = {}
+    for device in {v.device for v in means.values()}:
+        ks = [k for k in keys if means[k].device == device]
+        out.update(zip(ks, torch.stack([means[k] for k in ks]).double().cpu().tolist()))
+    return {k: out[k] for k in keys}
 
 
 def token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -219,19 +219,18 @@ class ElasticTopKRouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        keep = self.elastic_mask > 0
-        excluded = torch.tensor(-math.inf, device=logits.device)
+        drop = self.elastic_mask <= 0  # masked_fill with a number: no host-to-device copy of -inf
         if self.score_function == "softmax":
             if cfg.moe_router_pre_softmax:
-                scores = torch.softmax(logits.float().where(keep, excluded), dim=-1)
+                scores = torch.softmax(logits.float().masked_fill(drop, -math.inf), dim=-1)
                 probs, top = torch.topk(scores, self.topk, dim=1)
             else:
-                picked, top = torch.topk(logits.where(keep, excluded), self.topk, dim=1)
+                picked, top = torch.topk(logits.masked_fill(drop, -math.inf), self.topk, dim=1)
                 probs = torch.softmax(picked, dim=-1, dtype=torch.float32)
         else:
             scores = torch.sigmoid(logits.float())
             select = scores if self.expert_bias is None else scores + self.expert_bias.float()
-            _, top = torch.topk(select.where(keep, excluded), self.topk, dim=1)
+            _, top = torch.topk(select.masked_fill(drop, -math.inf), self.topk, dim=1)
             probs = torch.gather(scores, 1, top)
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20) if self.topk > 1 else probs
         if cfg.moe_router_topk_scaling_factor:
