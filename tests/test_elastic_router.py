@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import TINY
 from pipeline.config import load_recipe
 from pipeline.elastic.budget import budget_loss, choice_size, memory_bytes, target_size
-from pipeline.elastic.kd import forward_kl, sample_budget
+from pipeline.elastic.kd import forward_kl, forward_kl_unchunked, sample_budget
 from pipeline.elastic.router import (AxisChoice, Choice, ElasticRouter, budget_vector, fetch_to_host,
                                      logit_scale_at, tau_at)
 from pipeline.elastic.subnet import Subnet
@@ -203,3 +203,24 @@ def test_forward_kl_single_rank():
     want = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="none", log_target=True).sum(-1)
     torch.testing.assert_close(forward_kl(s, t, mask), want * mask)
     assert forward_kl(t, t, None).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7, 64])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kl_equals_the_unchunked_autograd_form(chunk, temperature):
+    """Loss and student gradient of the chunked Function == the autograd form (which holds every fp32
+    temporary), for chunks that divide the 10 tokens, do not, or exceed them; bf16 logits too."""
+    gen = torch.Generator().manual_seed(1)
+    s0, t = 3 * torch.randn(2, 5, 48, generator=gen), 3 * torch.randn(2, 5, 48, generator=gen)
+    mask = (torch.rand(2, 5, generator=gen) > 0.3).float()
+    w = torch.rand(2, 5, generator=gen)  # a non-uniform upstream gradient
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        a, b = (s0.to(dtype).clone().requires_grad_(True) for _ in range(2))
+        got = forward_kl(a, t.to(dtype), mask, temperature, chunk_tokens=chunk)
+        want = forward_kl_unchunked(b, t.to(dtype), mask, temperature)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        (got * w).sum().backward()
+        (want * w).sum().backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
+        assert b.grad.abs().max() > 1e-2

@@ -68,6 +68,10 @@ class ParallelConfig:
     sequence_parallel: bool = True  # used whenever tp > 1 (required by MoE under TP)
     pp_layers: List[int] = field(default_factory=list)  # layers per PP stage; [] = balanced
     distributed_optimizer: bool = False
+    # overlap the data-parallel gradient reduction with the backward (bucketed; multi-rank runs)
+    overlap_grad_reduce: bool = True
+    # distributed optimizer: overlap the parameter all-gather with the next step's forward
+    overlap_param_gather: bool = True
     recompute: str = "none"  # none | full
     moe_token_dispatcher: str = "alltoall"  # alltoall | allgather
 
@@ -127,6 +131,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fp8: str = "none"  # none | delayed | current | blockwise: Transformer Engine FP8 recipe (TE backend, Hopper+)
     eval_interval: int = 0  # 0 = no periodic validation
+    kd_chunk_tokens: int = 1024  # elastic KD: tokens per chunk of the vocab-parallel KL (0 = all at once)
     eval_iters: int = 4
     init_from: str = ""  # another stage's name (its latest checkpoint) or a checkpoint path
 

@@ -2,7 +2,7 @@
 
 Per micro-batch (identically on every rank: the budget and the Gumbel noise are pure functions of
 (run.seed, iteration, micro-batch), so TP/EP/PP/DP peers mask the same subnet; the noise is drawn on the model's
-device from a generator seeded per step, and all micro-batches' choices are drawn at ``begin_step`` with ONE
+device from a generator seeded per micro-batch, and all micro-batches' choices are drawn at ``begin_step`` with ONE
 host copy of what must be a host number, so no micro-batch waits for the device):
 
 1. sample the budget (``stageN.budget_weights``, uniform when empty);
@@ -12,8 +12,9 @@ host copy of what must be a host number, so no micro-batch waits for the device)
 5. loss = forward KL(teacher || student) + elastic.budget_loss_alpha x budget loss.
 
 Router gradients: its copy on every rank sees only that rank's heads, channels, sequence shard and layers,
-so ``router_slot.sync_grads`` sums them over TP and PP before DDP averages over DP (``finalize_model_grads``
-runs it first; DDP's reduction is not overlapped, see ``optim.wrap_ddp``). The budget loss is replicated
+so ``router_slot.sync_grads`` sums them over TP and PP; it runs after DDP's data-parallel reduction (in
+``finalize_model_grads``, like megatron's own sequence-parallel norm sums), so DDP overlaps its reduction with
+the backward (``sync_after_ddp`` names the one layout where it cannot). The budget loss is replicated
 on every TP and CP rank, hence scaled by 1 / (tp x cp) so the sums count it once.
 
 The student's MoE expert bias is frozen: masked experts see no tokens and would otherwise drift the full
@@ -63,8 +64,8 @@ def removal_order(recipe) -> List[int]:
     return [int(i) for i in order]
 
 
-def _noise_seed(seed: int, iteration: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(iteration), 7]).generate_state(1)[0])
+def _noise_seed(seed: int, iteration: int, micro: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(iteration), int(micro), 7]).generate_state(1)[0])
 
 
 class ElasticTask(Task):
@@ -112,12 +113,27 @@ class ElasticTask(Task):
         finalize = config.finalize_model_grads_func
 
         def finalize_with_router(*args, **kwargs):
+            if not self.sync_after_ddp():  # PP x distributed optimizer: before DDP's (non-overlapped) reduce-scatter
+                sync_grads(self.slot)
+                return finalize(*args, **kwargs)
+            out = finalize(*args, **kwargs)  # DDP's reduction (overlapped with the backward) is complete here
             sync_grads(self.slot)
-            return finalize(*args, **kwargs)
+            return out
 
         config.finalize_model_grads_func = finalize_with_router
         self.teacher_src = src
         self.device = device
+
+    def sync_after_ddp(self) -> bool:
+        """Sum the router's gradients over TP / PP after DDP's data-parallel reduction (linear, so the order does
+        not change the sum), as megatron sums its sequence-parallel norm grads: that lets DDP overlap its reduction
+        with the backward. Not under PP with the distributed optimizer: each stage's reduce-scatter leaves a
+        different slice of the router's gradient valid, so there the sum must come first (no overlap)."""
+        p = self.recipe.parallelism
+        return p.pp == 1 or not p.distributed_optimizer
+
+    def overlap_grad_reduce_ok(self) -> bool:
+        return self.sync_after_ddp()
 
     def schedule_kwargs(self):
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -129,8 +145,6 @@ class ElasticTask(Task):
         """Draw this step's budgets and router choices (with their autograd graphs) for every micro-batch, and
         bring their host numbers over in one transfer: the router's parameters do not change within a step."""
         self.iteration, self.micro = iteration, 0
-        self.generator = torch.Generator(device=self.router_device()).manual_seed(
-            _noise_seed(self.recipe.run.seed, iteration))
         self.drawn = [self._draw(mb) for mb in range(self.num_microbatches)]
         fetch_to_host([a for _, choice in self.drawn for a in choice.axes.values()])
 
@@ -138,9 +152,12 @@ class ElasticTask(Task):
         return next(self.slot.parameters()).device
 
     def _draw(self, mb: int):
-        b = sample_budget(self.recipe.run.seed, self.iteration, mb, self.weights)
+        seed, it = self.recipe.run.seed, self.iteration
+        b = sample_budget(seed, it, mb, self.weights)
         tau, scale = self.schedule()
-        return b, self.slot(b, tau, scale, self.hard, self.generator)
+        # Gumbel noise from a generator on the router's device (no host copy), seeded per micro-batch
+        generator = torch.Generator(device=self.router_device()).manual_seed(_noise_seed(seed, it, mb))
+        return b, self.slot(b, tau, scale, self.hard, generator)
 
     def schedule(self):
         e = self.recipe.elastic
@@ -169,7 +186,9 @@ class ElasticTask(Task):
 
     def _loss(self, teacher_logits, loss_mask, b: int, choice, student_logits):
         e, budget = self.recipe.elastic, self.budgets[b]
-        kd, kd_value = token_mean(forward_kl(student_logits, teacher_logits, loss_mask, e.kd_temperature), loss_mask)
+        per_token = forward_kl(student_logits, teacher_logits, loss_mask, e.kd_temperature,
+                               chunk_tokens=self.cfg.training.kd_chunk_tokens)
+        kd, kd_value = token_mean(per_token, loss_mask)
         replicas = ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size()
         bl, expected = budget_loss(choice, self.recipe.model, budget.fraction, e, self.order)
         bl = bl.to(kd.device)

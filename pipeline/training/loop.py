@@ -26,7 +26,7 @@ from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 from pipeline.model.spec import use_te as recipe_uses_te
 from pipeline.training import checkpoint, metrics
-from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
+from pipeline.training.optim import build_optimizer, hook_model_config, sync_params, wrap_ddp
 from pipeline.training.task import Task
 
 
@@ -75,7 +75,7 @@ class Trainer:
         model = self.task.build_model(torch.bfloat16 if self.bf16 else torch.float32)
         if self.bf16:  # megatron's convention: every param bf16 (Mamba's A_log/D too), fp32 master weights
             model = Float16Module(model.config, model)
-        self.model = [wrap_ddp(self.recipe, model)]
+        self.model = [wrap_ddp(self.recipe, model, self.task.overlap_grad_reduce_ok())]
         self.optimizer, self.scheduler = build_optimizer(self.recipe, t, self.model, self.bf16,
                                                          self.task.optimizer_overrides())
         hook_model_config(self.model, self.optimizer)
@@ -161,6 +161,7 @@ class Trainer:
                 last_saved = self.iteration
         if last_saved != self.iteration:
             self.save()
+        sync_params(self.model)
         self.task.finish(self.dir)
         if self.is_logger:
             writer.close()
@@ -201,6 +202,7 @@ class Trainer:
         return bool(flag.item())
 
     def save(self) -> None:
+        sync_params(self.model)
         state = {"consumed_samples": self.consumed, "stage": self.stage, "task": self.task.state_dict()}
         checkpoint.save(self.ckpt_root, self.iteration, self.model, self.optimizer, self.scheduler, state,
                         keep_last=self.recipe.checkpointing.keep_last)

@@ -37,6 +37,10 @@ class Task(abc.ABC):
     # Checkpoint keys a ``training.init_from`` source may lack (modules the stage adds, e.g. the elastic router).
     init_missing_ok: Tuple[str, ...] = ()
 
+    def overlap_grad_reduce_ok(self) -> bool:
+        """Whether DDP may reduce gradients during the backward (the task syncs nothing before DDP does)."""
+        return True
+
     # Micro-batches per optimizer step (set by the loop before the first step; 0 = unknown).
     num_microbatches: int = 0
 
