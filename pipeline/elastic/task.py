@@ -71,6 +71,7 @@ def _noise_seed(seed: int, iteration: int, micro: int) -> int:
 class ElasticTask(Task):
     name = "elastic"
     init_missing_ok = (SLOT,)  # the importance checkpoint has no router yet
+    teacher_forward = True
 
     def __init__(self, recipe, stage: str):
         super().__init__(recipe, stage)
@@ -86,7 +87,7 @@ class ElasticTask(Task):
 
     # ---- model and optimizer
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8)
+        model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8, trainable=True)
         for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
             router.frozen_expert_bias = True
         self.slot = attach(model, ElasticRouter(self.recipe.elastic, self.recipe.model), self.recipe.run.seed)

@@ -130,7 +130,7 @@ class Trainer:
     def _train(self) -> None:
         t, ck = self.t, self.recipe.checkpointing
         writer = metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard) if self.is_logger else None
-        fpt = metrics.flops_per_token(self.recipe.model, t.seq_length)
+        fpt = metrics.flops_per_token(self.recipe.model, t.seq_length, self.task.teacher_forward)
         peak = metrics.peak_tflops(self.recipe.logging.peak_tflops)
         timer, start_time, start_iter = metrics.StepTimer(), time.perf_counter(), self.iteration
         last_saved = self.iteration if checkpoint.latest_iteration(self.ckpt_root) == self.iteration else None
@@ -143,7 +143,8 @@ class Trainer:
             if self.iteration % self.recipe.logging.log_interval == 0 or self.iteration == t.train_iters:
                 step_time = timer.take()
                 tokens = t.global_batch_size * t.seq_length / step_time / dist.get_world_size()
-                values.update(tokens_per_s_per_gpu=tokens, mem_gib=metrics.memory_gib())
+                values.update(tokens_per_s_per_gpu=tokens, tflops_per_gpu=tokens * fpt / 1e12,
+                              mem_gib=metrics.memory_gib())
                 if peak:
                     values["mfu"] = tokens * fpt / (peak * 1e12)
                 done = self.iteration - start_iter

@@ -26,7 +26,7 @@ class Task(abc.ABC):
         self.stage = stage
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8)
+        return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8, trainable=True)
 
     def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
         """Called once the model is wrapped and weights are loaded (teachers, routers...)."""
@@ -40,6 +40,9 @@ class Task(abc.ABC):
     def overlap_grad_reduce_ok(self) -> bool:
         """Whether DDP may reduce gradients during the backward (the task syncs nothing before DDP does)."""
         return True
+
+    # Whether a frozen teacher's forward runs next to the model (KD): counted in the MFU.
+    teacher_forward: bool = False
 
     # Micro-batches per optimizer step (set by the loop before the first step; 0 = unknown).
     num_microbatches: int = 0
