@@ -107,7 +107,13 @@ class ElasticTask(Task):
         except UserError as e:
             raise UserError(f"{self.stage}.teacher: {str(e).split(': ', 1)[-1]}") from None
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
-        self.teacher = build_teacher(self.recipe, src, bf16, self.cfg.training.fp8)
+        self.attach(model_chunks, build_teacher(self.recipe, src, bf16, self.cfg.training.fp8), device)
+        self.teacher_src = src
+
+    def attach(self, model_chunks, teacher: torch.nn.Module, device) -> None:
+        """Wire the wrapped student chunks and a frozen teacher (``setup`` loads it from the checkpoint; the
+        throughput bench passes a random one)."""
+        self.teacher = teacher
         self.student = model_chunks[0]
         self.masks = ElasticMasks(self.student, self.recipe.model, self.recipe.elastic.axes, self.order)
         config = unwrap_model(self.student).config
@@ -122,7 +128,6 @@ class ElasticTask(Task):
             return out
 
         config.finalize_model_grads_func = finalize_with_router
-        self.teacher_src = src
         self.device = device
 
     def sync_after_ddp(self) -> bool:
