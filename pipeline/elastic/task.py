@@ -223,6 +223,26 @@ class ElasticTask(Task):
                          f"bl {values[f'budget_loss/{n}']:.3f} [{chosen}]")
         return " | ".join(parts + [f"tau {tau:.3f}"])
 
+    # ---- periodic validation (training.eval_interval)
+    def evaluate(self, model_chunks) -> Dict[str, float]:
+        """Validation LM loss of every budget at its current subnet (the router's noise-free argmax, as export
+        will slice it), under exact hard masks; keys ``val_loss/<budget>``."""
+        from pipeline.elastic.evaluate import lm_loss, validation_batches
+
+        t = self.cfg.training
+        if not hasattr(self, "_val_batches"):
+            self._val_batches = validation_batches(self.recipe, self.stage, t.micro_batch_size)
+        out = {}
+        for model in model_chunks:
+            model.eval()
+        for b in self.resolved_budgets():
+            self.masks.set_subnet(b.subnet)
+            out[f"val_loss/{b.name}"] = lm_loss(self.student, self._val_batches, t.seq_length, t.micro_batch_size)
+        self.masks.clear()
+        for model in model_chunks:
+            model.train()
+        return out
+
     # ---- state and output
     def state_dict(self):
         """For inspection: tau and the logit scale are functions of the (checkpointed) iteration, so a

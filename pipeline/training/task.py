@@ -58,6 +58,10 @@ class Task(abc.ABC):
         """Task-specific text appended to the loop's log line."""
         return ""
 
+    def evaluate(self, model_chunks) -> Dict[str, float]:
+        """Validation values every ``training.eval_interval`` steps (logged, TensorBoard, metrics.jsonl)."""
+        return {}
+
     def finish(self, stage_dir: str) -> None:
         """Called on every rank after the last step (and its checkpoint)."""
 
