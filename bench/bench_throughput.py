@@ -127,6 +127,7 @@ class Bench:
 def kd_task(base, teacher, chunk: int, temperature: float):
     """A plain KD task: the student's logits against the frozen teacher's, same loss as the elastic stages."""
     from pipeline.elastic.kd import forward_kl
+    from pipeline.elastic.task import model_precision_output
     from pipeline.training.task import token_mean
 
     class KDTask(type(base)):
@@ -135,8 +136,8 @@ def kd_task(base, teacher, chunk: int, temperature: float):
         def forward_step(self, data_iterator, model):
             batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
             with torch.no_grad():
-                t_out = teacher(batch["tokens"], batch["position_ids"], None)
-            s_out = model(batch["tokens"], batch["position_ids"], None)
+                t_out = teacher(batch["tokens"], batch["position_ids"], None, **model_precision_output(teacher))
+            s_out = model(batch["tokens"], batch["position_ids"], None, **model_precision_output(model))
 
             def loss(mask, out):
                 value, logged = token_mean(forward_kl(out, t_out, mask, temperature, chunk_tokens=chunk), mask)

@@ -64,6 +64,15 @@ def removal_order(recipe) -> List[int]:
     return [int(i) for i in order]
 
 
+def model_precision_output(model) -> Dict:
+    """Keyword arguments that keep a bf16 model's logits in bf16 (megatron's Float16Module upcasts them to a full
+    fp32 [tokens x vocab/tp] copy by default); the chunked KD upcasts one chunk at a time."""
+    from megatron.core.transformer.module import Float16Module
+
+    inner = getattr(model, "module", None)
+    return {"fp32_output": False} if isinstance(model, Float16Module) or isinstance(inner, Float16Module) else {}
+
+
 def _noise_seed(seed: int, iteration: int, micro: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(iteration), int(micro), 7]).generate_state(1)[0])
 
@@ -184,8 +193,8 @@ class ElasticTask(Task):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         split_stage_input(model, self.teacher)
         with torch.no_grad():
-            t_out = self.teacher(batch["tokens"], batch["position_ids"], None)
-        s_out = model(batch["tokens"], batch["position_ids"], None)
+            t_out = self.teacher(batch["tokens"], batch["position_ids"], None, **model_precision_output(self.teacher))
+        s_out = model(batch["tokens"], batch["position_ids"], None, **model_precision_output(model))
         if not ps.is_pipeline_last_stage():
             return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1), None
         return s_out, partial(self._loss, t_out, batch["loss_mask"], b, choice)

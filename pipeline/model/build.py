@@ -46,6 +46,14 @@ def fp8_settings(fp8: str, te: bool) -> dict:
     return {"fp8": "hybrid", "fp8_recipe": FP8_RECIPES[fp8]}
 
 
+def _te_fused_permute() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.transformer.moe import moe_utils
+
+    return moe_utils.fused_permute is not None and moe_utils.fused_unpermute is not None
+
+
 def mamba_mem_eff_available() -> bool:
     """megatron's memory-efficient Mamba path (``mamba_split_conv1d_scan_combined``: conv1d + SSD + gate in one
     autograd function that recomputes instead of storing) needs a GPU, mamba-ssm and causal-conv1d's kernels;
@@ -101,6 +109,8 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type=p.moe_token_dispatcher,
         moe_grouped_gemm=te and has_moe,
+        # TE's fused token permute / unpermute (fewer small kernels per MoE layer) where it imports
+        moe_permute_fusion=te and has_moe and _te_fused_permute(),
         # FP8 grouped GEMMs need every expert's token count padded to a multiple of 16
         moe_router_padding_for_quantization=bool(quant) and has_moe,
         # parallelism
@@ -118,6 +128,9 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         pipeline_dtype=dtype,
         bf16=bf16,
         **quant,
+        # megatron's fused vocab-parallel cross entropy (its 'native' form: TE's has known stability issues)
+        cross_entropy_loss_fusion=te and torch.cuda.is_available(),
+        cross_entropy_fusion_impl="native",
         # kernels that need apex / TE stay off without them
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
