@@ -155,7 +155,8 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
     from pipeline.training import metrics
     from pipeline.training.task import LMTask
 
-    fp8 = precision if precision not in ("bf16", "fp32") else "none"
+    # precision: bf16 | fp32 | fp8 (= TE's delayed scaling) | delayed | current | blockwise (training.fp8 recipes)
+    fp8 = {"bf16": "none", "fp32": "none", "fp8": "delayed"}.get(precision, precision)
     recipe = load_recipe(args.recipe, overrides + [
         f"model.backend={backend}", f"stage1.training.fp8={fp8}", f"stage1.training.seq_length={seq}",
         f"stage1.training.micro_batch_size={mbs}"])

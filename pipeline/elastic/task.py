@@ -160,8 +160,21 @@ class ElasticTask(Task):
         """Draw this step's budgets and router choices (with their autograd graphs) for every micro-batch, and
         bring their host numbers over in one transfer: the router's parameters do not change within a step."""
         self.iteration, self.micro = iteration, 0
+        self._gather_router_params()
         self.drawn = [self._draw(mb) for mb in range(self.num_microbatches)]
         fetch_to_host([a for _, choice in self.drawn for a in choice.axes.values()])
+
+    def _gather_router_params(self) -> None:
+        """With the distributed optimizer's overlapped parameter all-gather, megatron DDP refreshes a module's
+        parameters in that module's forward pre-hook; the router reads its linears' weights directly (fp32 MLP),
+        so wait for its buckets' all-gather here, as the hook would."""
+        ddp = getattr(self, "student", None)
+        groups = getattr(ddp, "param_to_bucket_group", None)
+        if not getattr(ddp, "use_forward_hook", False) or not groups:
+            return
+        skip_dispatch = ddp.ddp_config.align_param_gather or ddp.overlap_param_gather_with_optimizer_step
+        for group in {id(groups[p]): groups[p] for p in self.slot.parameters() if p in groups}.values():
+            group.finish_param_sync(skip_next_bucket_dispatch=skip_dispatch)
 
     def router_device(self) -> torch.device:
         return next(self.slot.parameters()).device
