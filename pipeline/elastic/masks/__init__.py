@@ -165,16 +165,17 @@ class ElasticMasks:
         # shard groups from megatron's parallel state (TE nulls some modules' own tp_group)
         tp, etp = ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group()
         hidden = get("hidden", -1)
+        count = None if hidden is None else hidden.float().sum()  # once, not once per norm
         if self.embedding is not None:
             self.embedding.elastic_mask = hidden
         if self.final_norm is not None:
-            self.final_norm.set_hidden_mask(hidden, active)
+            self.final_norm.set_hidden_mask(hidden, active, count)
         for index, sym, layer in self.layers:
             layer.elastic_skip = index in skip
             delta = hidden
             if layer_weights is not None:
                 delta = layer_weights[index] if hidden is None else hidden * layer_weights[index]
-            self.pre_norms[index].set_hidden_mask(hidden, active)
+            self.pre_norms[index].set_hidden_mask(hidden, active, count)
             if sym == "M":
                 layer.mamba_bda.elastic_mask = delta
                 heads = self._heads(get("mamba_heads", index), m.mamba_num_groups, m.mamba_head_dim)
