@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -23,8 +24,6 @@ def wrap_ddp(recipe: Recipe, model: torch.nn.Module, overlap_ok: bool = True) ->
     next forward (``overlap_param_gather``). ``overlap_ok``: the task reduces any extra gradients after DDP's
     (finalize_model_grads), not before it (the elastic router under PP with the distributed optimizer cannot)."""
     p = recipe.parallelism
-    from megatron.core import parallel_state
-
     multi = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
     overlap = p.overlap_grad_reduce and multi and overlap_ok
     ddp_config = DistributedDataParallelConfig(
@@ -34,9 +33,9 @@ def wrap_ddp(recipe: Recipe, model: torch.nn.Module, overlap_ok: bool = True) ->
         use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    # bucketing pays off with overlapped reduction on a GPU (CUDA streams); one bucket elsewhere
+    # bucketing pays off with overlapped reduction, which needs CUDA streams
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
-                                   disable_bucketing=not (torch.cuda.is_available() and overlap))
+                                   disable_bucketing=not torch.cuda.is_available())
 
 
 def sync_params(model_chunks) -> None:
