@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, Triton autotuning)")
     ap.add_argument("--memory-seq", type=int, default=8192, help="elastic vs plain KD peak memory at this "
                     "sequence length (0: skip)")
+    ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
     try:
@@ -261,6 +262,12 @@ def main() -> None:
               f"| {cell('kd', '{:,.0f}')} | {cell('kd', '{:.1%}')} | {cell('elastic', '{:,.0f}')} "
               f"| {cell('elastic', '{:.1%}')} | {ratio(rows, combo, 'kd', 'pretrain'):.3f} "
               f"| {ratio(rows, combo, 'elastic', 'kd'):.3f} | {peaks} |")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"recipe": args.recipe, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else "cpu", "micro_batches": args.micro_batches, "rows": rows}, f, indent=1)
     for combo in dict.fromkeys((r["backend"], r["precision"], r["seq"]) for r in rows):
         mem = ratio(rows, combo, "elastic", "kd", "peak_gib")
         if mem == mem:  # not nan
