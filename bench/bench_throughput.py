@@ -3,6 +3,7 @@ MFU and peak memory, per backend (megatron local / Transformer Engine) and preci
 
     python bench/bench_throughput.py --recipe recipes/proxy_1b.yaml              # H200: every combination + seq 8192
     python bench/bench_throughput.py --recipe recipes/tiny.yaml --steps 1 --memory-seq 0   # CPU smoke check
+    ... --save-stall /tmp/ckpt        # + the step stall of a checkpoint save, sync vs async
 
 Each step is a full training step as ``pipeline.training.loop.Trainer`` runs it: megatron DDP (overlap as in
 the recipe), the forward-backward schedule over ``--micro-batches`` micro-batches of the stage-1 shape, the
@@ -187,6 +188,9 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
         ddp, opt = bench.trained(lm, bf16)
         if "pretrain" in kinds:
             record("pretrain", *bench.measure(ddp, opt, lm, batches, seq, mbs), teacher=False)
+            if args.save_stall:
+                save_stall(args.save_stall, ddp, opt, bench.sync)
+                args.save_stall = ""  # once, for the first combination
         teacher = bench.teacher(bf16)
         if "kd" in kinds:
             kd = kd_task(lm, teacher, chunk, e.kd_temperature)
@@ -209,6 +213,33 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
     parallel.shutdown()
 
 
+def save_stall(where: str, ddp, opt, sync) -> None:
+    """How long a checkpoint save (model + optimizer, as the Trainer saves) stalls training, synchronous vs
+    ``checkpointing.async_save`` (megatron's async dist-checkpoint save), and when the async write finished."""
+    import shutil
+    import tempfile
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    from pipeline.training import checkpoint
+
+    for mode in ("sync", "async"):
+        root = tempfile.mkdtemp(prefix=f"save_{mode}_", dir=where)
+        queue = AsyncCallsQueue() if mode == "async" else None
+        sync()
+        start = time.perf_counter()
+        checkpoint.save(root, 1, [ddp], opt, None, {}, async_queue=queue)
+        sync()
+        stall = time.perf_counter() - start
+        done = ""
+        if queue is not None:
+            queue.maybe_finalize_async_calls(blocking=True)
+            queue.close()
+            done = f", written and finalised after {time.perf_counter() - start:.2f} s"
+        print(f"  checkpoint save ({mode}): step stall {stall:.2f} s{done}", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def ratio(rows, combo, num: str, den: str, key: str = "seconds"):
     a = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == num]
     b = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == den]
@@ -226,6 +257,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, Triton autotuning)")
     ap.add_argument("--memory-seq", type=int, default=8192, help="elastic vs plain KD peak memory at this "
                     "sequence length (0: skip)")
+    ap.add_argument("--save-stall", default="", metavar="DIR", help="also time a checkpoint save of the pretrain "
+                    "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination)")
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
