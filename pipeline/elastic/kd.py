@@ -50,16 +50,17 @@ def _shift_and_lse(logits: torch.Tensor, group):
     return shifted, torch.log(_sum(shifted.exp().sum(dim=-1, keepdim=True), group))
 
 
-def _log_partition(x: torch.Tensor, group) -> torch.Tensor:
-    """log sum_v exp(x) over the full (sharded) vocabulary, per row; no autograd (the Function's own)."""
-    top = x.max(dim=-1, keepdim=True).values
+def _log_partitions(xs, group):
+    """log sum_v exp(x) over the full (sharded) vocabulary, per row, for each tensor of ``xs`` (same rows): one
+    MAX and one SUM all-reduce for all of them. No autograd (the Function's own)."""
     sharded = group is not None and dist.get_world_size(group) > 1
+    top = torch.stack([x.max(dim=-1).values for x in xs])
     if sharded:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    sums = (x - top).exp_().sum(dim=-1, keepdim=True)
+    sums = torch.stack([(x - m[:, None]).exp_().sum(dim=-1) for x, m in zip(xs, top)])
     if sharded:
         dist.all_reduce(sums, group=group)
-    return (sums.log_() + top).squeeze(-1)
+    return sums.log_() + top
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -75,8 +76,7 @@ class _ChunkedKL(torch.autograd.Function):
             rows = slice(i, min(i + chunk, n))
             s = student[rows].float() / temperature
             t = teacher[rows].float() / temperature
-            s_logz[rows] = _log_partition(s, group)
-            t_logz[rows] = _log_partition(t, group)
+            s_logz[rows], t_logz[rows] = _log_partitions((s, t), group)
             log_t = t.sub_(t_logz[rows, None])
             # sum_v p_t (log p_t - log p_s) = sum_v p_t (log_t - s) + logZ_s   (sum_v p_t = 1)
             part = (log_t.exp() * (log_t - s)).sum(dim=-1)
