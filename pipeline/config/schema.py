@@ -130,7 +130,7 @@ class TrainingConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fp8: str = "none"  # none | delayed | current | blockwise: Transformer Engine FP8 recipe (TE backend, Hopper+)
-    eval_interval: int = 0  # 0 = no periodic validation
+    eval_interval: int = 0  # 0 = no periodic validation; elastic stages: validation loss per budget every N steps
     kd_chunk_tokens: int = 1024  # elastic KD: tokens per chunk of the vocab-parallel KL (0 = all at once)
     eval_iters: int = 4
     init_from: str = ""  # another stage's name (its latest checkpoint) or a checkpoint path
@@ -140,7 +140,7 @@ class TrainingConfig:
 class CheckpointConfig:
     save_interval: int = 50
     keep_last: int = 2  # 0 keeps all
-    async_save: bool = False
+    async_save: bool = False  # megatron's async dist-checkpoint save: a forked process writes, training goes on
 
 
 @dataclass
