@@ -24,6 +24,9 @@ class ModelConfig:
     """A hybrid Mamba-2 / attention / MoE language model (Nemotron-H family)."""
 
     backend: str = "auto"  # auto (Transformer Engine when it imports) | te | local (megatron's own layers)
+    # megatron's memory-efficient Mamba path (fused conv1d + SSD, recomputed in the backward) where its kernels
+    # exist: GPU with mamba-ssm and causal-conv1d or its te_kernels stand-in; always off on CPU
+    mamba_mem_eff_path: bool = True
     num_layers: int = 3
     pattern: str = "M*E"  # one symbol per layer: M Mamba-2, * attention, E MoE, - dense MLP
     hidden_size: int = 64

@@ -94,7 +94,7 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         mamba_num_groups=m.mamba_num_groups,
         mamba_num_heads=m.mamba_num_heads,
         # fused conv1d + SSD where its kernels exist (GPU); else conv1d -> SSD -> gated norm (te_kernels on CPU)
-        use_mamba_mem_eff_path=mamba_mem_eff_available(),
+        use_mamba_mem_eff_path=m.mamba_mem_eff_path and mamba_mem_eff_available(),
         # MoE (Nano v3: sigmoid scores, expert bias for selection, normalised top-k x scaling)
         num_moe_experts=m.num_experts if has_moe else None,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size if has_moe else None,
