@@ -26,6 +26,10 @@ class ModelConfig:
     """A hybrid Mamba-2 / attention / MoE language model (Nemotron-H family)."""
 
     backend: str = value("auto", one_of=("auto", "te", "local"))  # auto: TE when it imports; local: megatron's layers
+    # megatron's memory-efficient Mamba path (fused conv1d + SSD, recomputed in the backward) where its kernels
+    # exist (GPU with mamba-ssm and causal-conv1d or its te_kernels stand-in; always off on CPU). Off by default
+    # until measured on the GPU (docs/throughput.md)
+    mamba_mem_eff_path: bool = False
     num_layers: int = value(3, ge=1)
     pattern: str = value("M*E", nonempty=True)  # one symbol per layer: M Mamba-2, * attention, E MoE, - dense MLP
     hidden_size: int = value(64, ge=1)
@@ -70,6 +74,10 @@ class ParallelConfig:
     sequence_parallel: bool = True  # used whenever tp > 1 (required by MoE under TP)
     pp_layers: List[int] = value(factory=list, ge=1)  # layers per PP stage; [] = balanced
     distributed_optimizer: bool = False
+    # overlap the data-parallel gradient reduction with the backward (bucketed; multi-rank runs)
+    overlap_grad_reduce: bool = True
+    # distributed optimizer: overlap the parameter all-gather with the next step's forward
+    overlap_param_gather: bool = True
     recompute: str = value("none", one_of=("none", "full", "selective"))  # none | full (every layer) | selective
     # (recompute_modules only); docs/memory_plan.md. selective: megatron's core_attn, moe, moe_act (TE grouped GEMM),
     # layernorm, mlp, shared_experts, and mamba (the Mamba mixer, pipeline/model/recompute.py: megatron has none)
@@ -131,7 +139,8 @@ class TrainingConfig:
     clip_grad: float = value(1.0, ge=0)
     precision: str = value("auto", one_of=("auto", "bf16", "fp32"))  # auto: bf16 on GPU, fp32 on CPU
     fp8: str = value("none", one_of=("none", "delayed", "current", "blockwise"))  # Transformer Engine FP8 recipe (TE backend, Hopper+)
-    eval_interval: int = value(0, ge=0)  # 0 = no periodic validation
+    eval_interval: int = value(0, ge=0)  # 0 = no periodic validation; elastic stages: validation loss per budget
+    kd_chunk_tokens: int = value(1024, ge=0)  # elastic KD: tokens per chunk of the vocab-parallel KL (0 = all at once)
     eval_iters: int = value(4, ge=1)
     init_from: str = ""  # another stage's name (its latest checkpoint) or a checkpoint path
     # packed sequences: attention does not cross the end-of-document token (block-causal mask, local backend);
@@ -143,7 +152,7 @@ class TrainingConfig:
 class CheckpointConfig:
     save_interval: int = value(50, ge=0)
     keep_last: int = value(2, ge=0)  # 0 keeps all
-    async_save: bool = False
+    async_save: bool = False  # megatron's async dist-checkpoint save: a forked process writes, training goes on
 
 
 @dataclass

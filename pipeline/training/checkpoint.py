@@ -11,10 +11,13 @@ are restored only at the same world size.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.queues
 import os
 import queue
 import re
 import shutil
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -65,10 +68,14 @@ def resolve(path_or_root: str) -> str:
     return d
 
 
-def _thread_results_queue() -> None:
+def _thread_results_queue(async_save: bool = False) -> None:
     # Synchronous saves write from threads; megatron still creates a spawn-context Manager queue for them
-    # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need.
-    if filesystem_async._results_queue is None:
+    # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need. An async save
+    # writes from a forked process: a fork-context queue, created before the fork, reaches back to this one.
+    current = filesystem_async._results_queue
+    if async_save and not isinstance(current, multiprocessing.queues.Queue):
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    elif current is None:
         filesystem_async._results_queue = queue.Queue()
 
 
@@ -105,8 +112,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None, state=None,
-         keep_last: int = 0, async_save: bool = False) -> str:
-    _thread_results_queue()
+         keep_last: int = 0, async_queue=None) -> str:
+    """Write a checkpoint; the latest marker is written (and old checkpoints pruned) once it is complete.
+
+    ``async_queue``: a megatron ``AsyncCallsQueue`` — the tensors are staged to host memory now and written by a
+    forked process while training goes on; the marker is written by the request's finalisation
+    (``async_queue.maybe_finalize_async_calls``, which the caller runs on every rank), so a crash mid-write
+    leaves the previous checkpoint as the latest."""
+    _thread_results_queue(async_save=async_queue is not None)
     d = iter_dir(root, iteration)
     if dist.get_rank() == 0:
         if os.path.isdir(d):
@@ -120,7 +133,19 @@ def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration, world_size=dist.get_world_size())
     sd["rng"] = _rank_object("rng_state", rng_state())
-    dist_checkpointing.save(sd, d)
+    finish = partial(_mark_latest, root, iteration, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(sd, d)
+        finish()
+        return d
+    # megatron's own async writer (nvidia-resiliency-ext's "nvrx" is not a dependency)
+    request = dist_checkpointing.save(sd, d, async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(finish)
+    async_queue.schedule_async_request(request)
+    return d
+
+
+def _mark_latest(root: str, iteration: int, keep_last: int) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = os.path.join(root, LATEST + ".tmp")
@@ -129,7 +154,6 @@ def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None
         os.replace(tmp, os.path.join(root, LATEST))
         _prune(root, keep_last)
     dist.barrier()
-    return d
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -27,7 +27,7 @@ class Task(abc.ABC):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         check_document_mask(self.recipe, self.stage)
-        return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8)
+        return build_model(self.recipe, dtype, fp8=getattr(self.recipe, self.stage).training.fp8, trainable=True)
 
     def setup(self, model_chunks: List[torch.nn.Module], device: torch.device) -> None:
         """Called once the model is wrapped and weights are loaded (teachers, routers...)."""
@@ -37,6 +37,16 @@ class Task(abc.ABC):
 
     # Checkpoint keys a ``training.init_from`` source may lack (modules the stage adds, e.g. the elastic router).
     init_missing_ok: Tuple[str, ...] = ()
+
+    def overlap_grad_reduce_ok(self) -> bool:
+        """Whether DDP may reduce gradients during the backward (the task syncs nothing before DDP does)."""
+        return True
+
+    # Whether a frozen teacher's forward runs next to the model (KD): counted in the MFU.
+    teacher_forward: bool = False
+
+    # Micro-batches per optimizer step (set by the loop before the first step; 0 = unknown).
+    num_microbatches: int = 0
 
     def begin_step(self, iteration: int) -> None:
         """Called before each optimizer step's micro-batches (iteration = steps already taken)."""
@@ -48,6 +58,10 @@ class Task(abc.ABC):
     def log_extra(self, values: Dict[str, float]) -> str:
         """Task-specific text appended to the loop's log line."""
         return ""
+
+    def evaluate(self, model_chunks) -> Dict[str, float]:
+        """Validation values every ``training.eval_interval`` steps (logged, TensorBoard, metrics.jsonl)."""
+        return {}
 
     def finish(self, stage_dir: str) -> None:
         """Called on every rank after the last step (and its checkpoint)."""
@@ -64,8 +78,19 @@ class Task(abc.ABC):
 
     def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Mean of every reported value over the step's micro-batches."""
-        keys = loss_dicts[0].keys() if loss_dicts else []
-        return {k: float(torch.stack([d[k].float() for d in loss_dicts]).mean()) for k in keys}
+        return mean_logs(loss_dicts)
+
+
+def mean_logs(loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Each key's mean over the micro-batches that report it, brought to the host in one transfer per device
+    (one sync per step, not one per value)."""
+    keys = sorted({k for d in loss_dicts for k in d})
+    means = {k: torch.stack([d[k].detach().float() for d in loss_dicts if k in d]).mean() for k in keys}
+    out: Dict[str, float] = {}
+    for device in {v.device for v in means.values()}:
+        ks = [k for k in keys if means[k].device == device]
+        out.update(zip(ks, torch.stack([means[k] for k in ks]).double().cpu().tolist()))
+    return {k: out[k] for k in keys}
 
 
 def token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
