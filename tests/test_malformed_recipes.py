@@ -70,8 +70,8 @@ CASES = {
     "parallelism.cp zero": (setting("parallelism.cp", 0), "pretrain", ["parallelism.cp = 0"]),
     "parallelism.pp_layers zero entry": (setting("parallelism.pp_layers", [0, 8]), "pretrain",
                                          ["parallelism.pp_layers = [0, 8]", "item [0]"]),
-    "parallelism.recompute": (setting("parallelism.recompute", "selective"), "pretrain",
-                              ["parallelism.recompute = 'selective'"]),
+    "parallelism.recompute": (setting("parallelism.recompute", "sometimes"), "pretrain",
+                              ["parallelism.recompute = 'sometimes'"]),
     # data
     "data source weight negative": (setting("data.sources[0].weight", -1.0), "data",
                                     ["data.sources[0].weight = -1.0"]),
