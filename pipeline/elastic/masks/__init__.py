@@ -135,6 +135,11 @@ class ElasticMasks:
         self._apply(plan, share, skip, layer_weights, active)
 
     @staticmethod
+    def _hidden_count(hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """sum(hidden mask), once for every norm of the model rather than once per norm."""
+        return None if hidden is None else hidden.float().sum()
+
+    @staticmethod
     def _prefix_table(axis: str, sizes, n: int, groups: int, like: torch.Tensor) -> torch.Tensor:
         """[n_choices, n units]: 1 where choice c keeps unit u (a prefix of k // groups units)."""
         key = ("prefix", axis, tuple(sizes), n, groups)
@@ -165,7 +170,7 @@ class ElasticMasks:
         # shard groups from megatron's parallel state (TE nulls some modules' own tp_group)
         tp, etp = ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group()
         hidden = get("hidden", -1)
-        count = None if hidden is None else hidden.float().sum()  # once, not once per norm
+        count = self._hidden_count(hidden)
         if self.embedding is not None:
             self.embedding.elastic_mask = hidden
         if self.final_norm is not None:
