@@ -25,6 +25,7 @@ STAGES = {
     "stage1": ("stage1", "elastic training, stage 1: router + nested masks + KD, budgets sampled uniformly"),
     "stage2": ("stage2", "elastic training, stage 2: long context, weighted budget sampling"),
     "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
+    "qad": ("qad", "nested quantisation after stage 2: calibrate (FP8 PTQ scales), NVFP4 QAD at every budget"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
 }

@@ -112,6 +112,9 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     _validate_elastic(recipe, fail)
     _validate_importance(recipe, fail)
     _validate_slurm(recipe, fail)
+    from pipeline.quant.spec import validate_qad
+
+    validate_qad(recipe, fail)
 
 
 DATA_FORMATS = ("text", "chat")
