@@ -241,3 +241,34 @@ def slice_quantized_dir(src_dir: str, tmp: str, model: ModelConfig, budget, fmt:
     hfq["quantization"]["exclude_modules"] = sliced_excluded
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     write_quant_configs(src_dir, tmp, hfq, cfg)
+
+
+def export_quantized_elastic(model: ModelConfig, ckpt: str, out_dir: str, budgets, budgets_path: str, fmt: str, q,
+                             input_amax: Dict[str, float], overwrite: bool = False, max_shard_bytes: int = 5 << 30,
+                             progress: bool = True, **export_kwargs) -> Tuple[str, dict]:
+    """The quantised elastic checkpoint: the BF16 elastic directory of ``ckpt`` (``export_elastic``) quantised
+    tensor by tensor; elastic.json gains the format and the storage report of the quantised files. The BF16
+    megatron copy is not repeated here (the BF16 elastic directory holds it)."""
+    from pipeline.elastic.elastic_dir import ELASTIC_JSON, export_elastic, finish_out, prepare_out
+    from pipeline.quant.storage import quant_storage_report
+
+    tmp = prepare_out(out_dir, overwrite)
+    bf16 = tmp + "-bf16"
+    try:
+        export_elastic(model, ckpt, bf16, budgets, budgets_path, overwrite=True, max_shard_bytes=max_shard_bytes,
+                       progress=progress, **export_kwargs)
+        quantize_hf_dir(bf16, tmp, model, fmt, q, input_amax, max_shard_bytes, progress)
+        report = quant_storage_report(model, budgets, fmt, q)
+        with open(os.path.join(tmp, ELASTIC_JSON)) as f:
+            data = json.load(f)
+        data.pop("megatron_checkpoint", None)
+        data.update(quantization={"format": fmt, "algo": QUANT_ALGO[fmt], "input_amax": input_amax},
+                    storage=report)
+        with open(os.path.join(tmp, ELASTIC_JSON), "w") as f:
+            json.dump(data, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(bf16, ignore_errors=True)
+    return finish_out(tmp, out_dir), report

@@ -62,20 +62,42 @@ def dequantized_state(hf_dir: str, dtype: torch.dtype = torch.float32) -> Tuple[
     return state, scales, fmt
 
 
-def load_dequantized(hf_dir: str, dtype: torch.dtype = torch.float32):
-    """transformers' ``NemotronHForCausalLM`` with the checkpoint's dequantised weights and input quantisers."""
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+def _quant_output(fmt: str, scale: torch.Tensor):
+    quant = _quant_input(fmt, scale)
+    return lambda module, args, output: quant(module, (output,))[0]
+
+
+def load_dequantized(hf_dir: str, dtype: torch.dtype = torch.float32, activations: bool = True):
+    """transformers' ``NemotronHForCausalLM`` with the checkpoint's dequantised weights and input quantisers.
+
+    transformers stacks the routed experts into one module whose per-expert linears take no hooks: their inputs
+    are quantised at the experts module's input (up_proj: every token, blocks along its own hidden vector, one
+    scale per layer -- the same numbers as per expert) and at its activation's output (down_proj's input)."""
+    import re
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import NemotronHForCausalLM
 
     state, scales, fmt = dequantized_state(hf_dir, dtype)
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = {k: v for k, v in json.load(f).items() if k != "quantization_config"}  # weights are dequantised
-    config = NemotronHConfig(**cfg)
-    model = NemotronHForCausalLM(config).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise ValueError(f"{hf_dir}: tensors do not fit NemotronH: missing {missing[:3]}, extra {unexpected[:3]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        model = NemotronHForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     modules = dict(model.named_modules())
-    for name, scale in scales.items():
-        modules[name].register_forward_pre_hook(_quant_input(fmt, scale))
-    return model.eval()
+    prefix = "model." if "model.layers.0" in modules else "backbone."
+    for name, scale in (scales.items() if activations else ()):
+        name = prefix + name[len("backbone."):] if name.startswith("backbone.") else name
+        expert = re.fullmatch(r"(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)", name)
+        if expert is None:
+            modules[name].register_forward_pre_hook(_quant_input(fmt, scale))
+        elif expert.group(2) == "0":  # one input scale per layer for all experts
+            experts = modules[expert.group(1)]
+            if expert.group(3) == "up_proj":
+                experts.register_forward_pre_hook(_quant_input(fmt, scale))
+            else:
+                experts.act_fn.register_forward_hook(_quant_output(fmt, scale))
+    return model

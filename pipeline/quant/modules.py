@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Dict, Optional
 
 import torch
@@ -46,6 +47,11 @@ class FakeQuant:
         for t in self.targets:
             self._handles.append(t.module.register_forward_pre_hook(self._make_pre(t)))
             self._handles.append(t.module.register_forward_hook(_restore_weight))
+        if self.activations:  # routed experts: the routing weight after fc2, as deployed (see _probs_after_fc2)
+            for name, module in unwrap_model(model_chunk).named_modules():
+                if re.search(r"mlp\.experts\.local_experts\.\d+$", name):
+                    self._handles.append(module.register_forward_pre_hook(self._hold_probs))
+                    self._handles.append(module.register_forward_hook(_probs_after_fc2))
 
     # ---- public API
     def set_format(self, fmt: Optional[str]) -> None:
@@ -80,13 +86,21 @@ class FakeQuant:
         self._handles = []
 
     # ---- hooks
+    def _hold_probs(self, module, args):
+        """megatron scales an expert's fc2 input by the routing weight; vLLM (and transformers) scale fc2's
+        output. fc2's quantised input must be the unscaled activation: hold the weight back until fc2 is done."""
+        if (not self.calibrating and self.fmt is None) or len(args) < 2 or args[1] is None:
+            return None
+        module.__dict__["_fq_probs"] = args[1]
+        return (args[0],)
+
     def _make_pre(self, t):
         group = ps.get_expert_tensor_parallel_group if t.expert else ps.get_tensor_model_parallel_group
 
         def pre(module, args):
-            if not self.calibrating and self.fmt is None:
-                return None
             x = args[0]
+            if (not self.calibrating and self.fmt is None) or x.numel() == 0:  # off, or an expert without tokens
+                return None
             mask = getattr(module, "elastic_mask", None)
             if mask is not None:  # what the linear multiplies in anyway: quantise (or measure) the masked input
                 x = x * mask.to(x.dtype)
@@ -106,6 +120,14 @@ class FakeQuant:
             return (x,) + tuple(args[1:])
 
         return pre
+
+
+def _probs_after_fc2(module, args, output):
+    probs = module.__dict__.pop("_fq_probs", None)
+    if probs is None:
+        return None
+    out, bias = output
+    return (out * probs.unsqueeze(-1)).to(out.dtype), bias
 
 
 def _restore_weight(module, args, output):
