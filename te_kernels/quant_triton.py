@@ -1,7 +1,7 @@
 """Fused FP8 / NVFP4 quantise-dequantise (forward) and straight-through backward as Triton kernels (GPU).
 
 The function is ``te_kernels/quant_torch.py``'s, bit for bit (tests/gpu/test_quant_kernels.py): one read of
-the input and one write of the output per pass, scales computed in registers, no copy of the weight. Divisions
+the input and one write of the output per pass, scales computed in registers, no copy of the weight; tile sizes autotuned per tensor size. Divisions
 use ``div_rn`` (IEEE round-to-nearest, as PyTorch) and the E4M3 cast is round-to-nearest-even after the same
 clamp as the reference. Hopper has no NVFP4 GEMM (TE refuses its NVFP4 recipe there), so QAD emulates it.
 """
@@ -27,8 +27,10 @@ def _e2m1_round(mag):
            tl.where(mag <= 5.0, 4.0, 6.0)))))))
 
 
+@triton.autotune(configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in ((64, 4), (128, 4), (256, 8), (512, 8))],
+                 key=["size_class"])
 @triton.jit
-def _nvfp4_fwd(x_ptr, y_ptr, amax_ptr, n_elements, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _nvfp4_fwd(x_ptr, y_ptr, amax_ptr, n_elements, size_class, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -47,8 +49,10 @@ def _nvfp4_fwd(x_ptr, y_ptr, amax_ptr, n_elements, ROWS: tl.constexpr, BLOCK_SIZ
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=[triton.Config({"BLOCK_N": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))],
+                 key=["size_class"])
 @triton.jit
-def _fp8_fwd(x_ptr, y_ptr, amax_ptr, n_elements, BLOCK_N: tl.constexpr):
+def _fp8_fwd(x_ptr, y_ptr, amax_ptr, n_elements, size_class, BLOCK_N: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -74,11 +78,13 @@ def fake_quant(x: torch.Tensor, amax: torch.Tensor, fmt: str) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.numel()
     amax = amax.reshape(1).float()
+    size_class = max(n, 1).bit_length()  # autotune per power of two (MoE activations change size every step)
     if fmt == "nvfp4":
-        rows = 64
-        _nvfp4_fwd[(triton.cdiv(n // BLOCK, rows),)](x, y, amax, n, ROWS=rows, BLOCK_SIZE=BLOCK, num_warps=4)
+        if x.shape[-1] % BLOCK:
+            raise ValueError(f"NVFP4 needs the last dim ({x.shape[-1]}) to be a multiple of {BLOCK}")
+        _nvfp4_fwd[lambda meta: (triton.cdiv(n // BLOCK, meta["ROWS"]),)](x, y, amax, n, size_class, BLOCK_SIZE=BLOCK)
     elif fmt == "fp8":
-        _fp8_fwd[(triton.cdiv(n, 2048),)](x, y, amax, n, BLOCK_N=2048, num_warps=8)
+        _fp8_fwd[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, y, amax, n, size_class)
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return y

@@ -74,10 +74,11 @@ class QADTask(Task):
     name = "qad"
     init_missing_ok = (SLOT,)  # stage 2's router is not part of the quantised model
 
-    def __init__(self, recipe, stage: str = "qad"):
+    def __init__(self, recipe, stage: str = "qad", budgets=None):
+        """``budgets``: the resolved budgets (default: read from ``qad.budgets_from``; benchmarks pass their own)."""
         super().__init__(recipe, stage)
         self.q = recipe.qad
-        self.budgets = read_qad_budgets(recipe)
+        self.budgets = budgets or read_qad_budgets(recipe)
         self.weights = list(self.q.budget_weights or recipe.stage2.budget_weights) or [1.0] * len(self.budgets)
         if len(self.weights) != len(self.budgets):
             raise UserError(f"qad: {len(self.weights)} budget weights for the {len(self.budgets)} budgets of "
@@ -98,12 +99,7 @@ class QADTask(Task):
         except UserError as e:
             raise UserError(f"qad.teacher: {str(e).split(': ', 1)[-1]}") from None
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
-        self.teacher = frozen_elastic(self.recipe, src, bf16)
-        self.student = model_chunks[0]
-        axes, m = self.recipe.elastic.axes, self.recipe.model
-        self.masks = ElasticMasks(self.student, m, axes)  # subnets name their skipped layers
-        self.teacher_masks = ElasticMasks(self.teacher, m, axes)
-        self.fq = FakeQuant(self.student, m, self.q)
+        self.attach(model_chunks[0], frozen_elastic(self.recipe, src, bf16))
         path = os.path.join(stage_dir(self.recipe, self.stage), calib.SCALES_FILE)
         if os.path.isfile(path):  # a resumed run keeps the scales it trained with
             self.fq.set_amax(calib.read_scales(path))
@@ -116,6 +112,14 @@ class QADTask(Task):
             dist.barrier()
         self.fq.set_format(self.q.format)
         self.teacher_src = src
+
+    def attach(self, student, teacher) -> None:
+        """Masks on both models, the fake quantiser on the student (format off until ``fq.set_format``)."""
+        self.student, self.teacher = student, teacher
+        axes, m = self.recipe.elastic.axes, self.recipe.model
+        self.masks = ElasticMasks(student, m, axes)  # subnets name their skipped layers
+        self.teacher_masks = ElasticMasks(teacher, m, axes)
+        self.fq = FakeQuant(student, m, self.q)
 
     def schedule_kwargs(self):
         if ps.get_pipeline_model_parallel_world_size() > 1:
