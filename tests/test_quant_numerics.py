@@ -119,3 +119,34 @@ def test_quantize_weight_roundtrip_and_config_matches_modelopt():
         for kv in ("none", "fp8"):
             hfq = hf_quant_config(fmt, ["lm_head", "backbone.layers.0.mixer.gate"], kv)
             assert config_quantization(hfq) == convert_hf_quant_config_format(hfq)
+
+
+INTERPRETED = r"""
+import torch
+from te_kernels import quant_torch as ref, quant_triton
+for shape in ((64, 256), (3, 16), (37, 96)):
+    x = _x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * torch.logspace(-4, 2, shape[1])
+    x[0, :16] = 0.0
+    for scale in (1.0, 0.25):
+        amax = x.abs().amax() * scale
+        for fmt, tile in (("nvfp4", 64), ("fp8", 1024)):
+            want = ref.nvfp4_fake_quant(x, amax) if fmt == "nvfp4" else ref.fp8_fake_quant(x, amax)
+            assert torch.equal(quant_triton.fake_quant(x, amax, fmt, tile=tile), want), (shape, scale, fmt)
+g = torch.randn(37, 96)
+assert torch.equal(quant_triton.ste_grad(g, x, amax), ref.ste_grad(g, x, amax))
+print("ok")
+"""
+
+
+def test_triton_kernel_equals_reference_in_the_interpreter():
+    """The Triton kernels' arithmetic on CPU (TRITON_INTERPRET=1), fp32 in and out: the same bits as the reference
+    (E4M3 rounding is integer arithmetic in the kernel; the interpreter's own fp32 -> bf16 store truncates, so bf16
+    outputs are checked on the GPU only: tests/gpu/test_quant_kernels.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
