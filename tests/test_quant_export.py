@@ -80,6 +80,14 @@ def test_calibration_and_layout(quant_family):
     assert w.dtype == torch.uint8 and files["backbone.layers.0.mixer.in_proj.weight_scale"].dtype == torch.float8_e4m3fn
     assert files["backbone.layers.0.mixer.in_proj.weight_scale"].shape[-1] * 8 == w.shape[-1]
     assert files["backbone.layers.2.mixer.in_proj.weight"].dtype == torch.float32  # excluded: as exported
+    from pipeline.elastic.elastic_dir import element_bytes
+    from pipeline.quant.storage import quant_storage_report
+
+    stored = element_bytes(quant_family["bf16"])
+    for fmt, d in quant_family["dirs"].items():  # the storage report from shapes == the written tensor bytes
+        written = sum(t.nbytes for t in SafetensorsDir(d).tensors.values())
+        report = quant_storage_report(m, list(quant_family["budgets"].values()), fmt, r.qad, 4, stored)
+        assert report["elastic_bytes"] == written, fmt
     with open(os.path.join(quant_family["dirs"]["nvfp4"], "config.json")) as f:
         qc = json.load(f)["quantization_config"]
     assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and "lm_head" in qc["ignore"]

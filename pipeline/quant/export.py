@@ -249,7 +249,7 @@ def export_quantized_elastic(model: ModelConfig, ckpt: str, out_dir: str, budget
     """The quantised elastic checkpoint: the BF16 elastic directory of ``ckpt`` (``export_elastic``) quantised
     tensor by tensor; elastic.json gains the format and the storage report of the quantised files. The BF16
     megatron copy is not repeated here (the BF16 elastic directory holds it)."""
-    from pipeline.elastic.elastic_dir import ELASTIC_JSON, export_elastic, finish_out, prepare_out
+    from pipeline.elastic.elastic_dir import ELASTIC_JSON, element_bytes, export_elastic, finish_out, prepare_out
     from pipeline.quant.storage import quant_storage_report
 
     tmp = prepare_out(out_dir, overwrite)
@@ -258,7 +258,8 @@ def export_quantized_elastic(model: ModelConfig, ckpt: str, out_dir: str, budget
         export_elastic(model, ckpt, bf16, budgets, budgets_path, overwrite=True, max_shard_bytes=max_shard_bytes,
                        progress=progress, **export_kwargs)
         quantize_hf_dir(bf16, tmp, model, fmt, q, input_amax, max_shard_bytes, progress)
-        report = quant_storage_report(model, budgets, fmt, q)
+        stored = element_bytes(bf16)  # exact for the written files: unquantised tensors keep their dtype
+        report = quant_storage_report(model, budgets, fmt, q, stored["backbone.embeddings.weight"], stored)
         with open(os.path.join(tmp, ELASTIC_JSON)) as f:
             data = json.load(f)
         data.pop("megatron_checkpoint", None)

@@ -13,24 +13,26 @@ from typing import Dict, List, Optional
 
 from pipeline.elastic.storage import sliced_shapes
 from pipeline.hf.mapping import hf_shapes
-from pipeline.quant.spec import BLOCK, is_quantized
+from pipeline.quant.spec import BLOCK, hf_linears, is_quantized
 
 
 def tensor_size(name: str, shape, model, fmt: Optional[str], q, dtype_bytes: float,
-                element_bytes: Optional[Dict[str, int]] = None) -> float:
+                element_bytes: Optional[Dict[str, int]] = None, linears=None) -> float:
     """Stored bytes of the BF16 tensor ``name`` (a parent name) of ``shape`` in format ``fmt`` (None: BF16)."""
     n = prod(shape)
     module = name[:-len(".weight")] if name.endswith(".weight") else None
-    if fmt is None or module is None or not is_quantized(module, model, q) or len(shape) != 2:
+    linears = set(hf_linears(model)) if linears is None else linears
+    if fmt is None or module not in linears or not is_quantized(module, model, q):
         return n * (element_bytes or {}).get(name, dtype_bytes)
-    scales = 4 + (4 if q.activations else 0)
-    return n + scales if fmt == "fp8" else n // 2 + n // BLOCK + 4 + scales
+    scalars = 4 + (4 if q.activations else 0)  # weight_scale (fp8) / weight_scale_2 (nvfp4), input_scale
+    return n + scalars if fmt == "fp8" else n // 2 + n // BLOCK + scalars
 
 
 def quant_storage_report(model, budgets: List, fmt: Optional[str], q, dtype_bytes: float = 2,
                          element_bytes: Optional[Dict[str, int]] = None) -> Dict:
     full = hf_shapes(model)
-    size = lambda name, shape: tensor_size(name, shape, model, fmt, q, dtype_bytes, element_bytes)  # noqa: E731
+    linears = set(hf_linears(model))
+    size = lambda name, shape: tensor_size(name, shape, model, fmt, q, dtype_bytes, element_bytes, linears)  # noqa: E731
     rows = []
     for b in budgets:
         shapes = sliced_shapes(model, b.subnet)
