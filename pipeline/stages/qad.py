@@ -17,6 +17,11 @@ def main(recipe, args) -> None:
     from pipeline.quant.task import read_qad_budgets
 
     check_elastic_run(recipe, "qad")
+    if recipe.qad.training.fp8 != "none":  # checked here, not in the recipe: other stages may train in FP8
+        from pipeline.errors import UserError
+
+        raise UserError(f"qad.training.fp8 = {recipe.qad.training.fp8!r}: QAD emulates {recipe.qad.format} on "
+                        "megatron's own linears; set qad.training.fp8=none")
     read_qad_budgets(recipe)  # a clear error before any process group work
     from pipeline.quant.task import QADTask
     from pipeline.training.loop import Trainer
