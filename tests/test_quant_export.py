@@ -66,20 +66,29 @@ def quant_family(tmp_path_factory):
 
 
 def test_calibration_and_layout(quant_family):
+    import dataclasses
+
+    from pipeline.config.schema import DEFAULT_QUANT_EXCLUDE
     from pipeline.hf.safetensors_io import SafetensorsDir
     from pipeline.quant.spec import excluded_linears
 
     m, r = quant_family["m"], quant_family["r"]
     amax = quant_family["amax"]
-    assert "backbone.layers.1.mixer.experts.*.up_proj" in amax and all(v > 0 for v in amax.values())
+    assert "backbone.layers.1.mixer.experts.*.up_proj" in amax and "backbone.layers.3.mixer.k_proj" not in amax
+    skipped_by_all = {3, 6}  # both budgets drop layers 3 and 6: never calibrated (a real family has the full budget)
+    assert all((v > 0) != (int(k.split(".")[2]) in skipped_by_all) for k, v in amax.items() if k != "lm_head"), amax
     excluded = excluded_linears(m, r.qad)
-    assert "backbone.layers.2.mixer.in_proj" in excluded  # the Mamba layer before attention layer 3 stays BF16
-    assert "backbone.layers.0.mixer.in_proj" not in excluded
+    assert excluded == ["backbone.layers.1.mixer.gate", "backbone.layers.4.mixer.gate", "backbone.layers.8.mixer.gate",
+                        "lm_head"]  # tiny.yaml: attention and every Mamba projection quantised too
+    nano = dataclasses.replace(r.qad, exclude=list(DEFAULT_QUANT_EXCLUDE), keep_mamba_before_attention=True)
+    assert "backbone.layers.2.mixer.in_proj" in excluded_linears(m, nano)  # the Mamba layer feeding attention 3
+    assert "backbone.layers.3.mixer.q_proj" in excluded_linears(m, nano)
+    assert "backbone.layers.0.mixer.in_proj" not in excluded_linears(m, nano)
     files = SafetensorsDir(quant_family["dirs"]["nvfp4"]).tensors
     w = files["backbone.layers.0.mixer.in_proj.weight"]
     assert w.dtype == torch.uint8 and files["backbone.layers.0.mixer.in_proj.weight_scale"].dtype == torch.float8_e4m3fn
     assert files["backbone.layers.0.mixer.in_proj.weight_scale"].shape[-1] * 8 == w.shape[-1]
-    assert files["backbone.layers.2.mixer.in_proj.weight"].dtype == torch.float32  # excluded: as exported
+    assert files["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32  # excluded: as exported
     from pipeline.elastic.elastic_dir import element_bytes
     from pipeline.quant.storage import quant_storage_report
 

@@ -23,9 +23,13 @@ _EXPERT = re.compile(r"(.*\.mixer\.experts\.)\d+(\..*)")
 
 
 def input_key(hf_name: str) -> str:
-    """Key of a linear's calibrated input amax (routed experts of one layer share one)."""
+    """Key of a linear's calibrated input amax (routed experts of one layer share one; k / v use q's)."""
     e = _EXPERT.fullmatch(hf_name)
-    return f"{e.group(1)}*{e.group(2)}" if e else hf_name
+    if e:
+        return f"{e.group(1)}*{e.group(2)}"
+    if hf_name.endswith((".k_proj", ".v_proj")):  # q / k / v read one input (megatron's fused linear_qkv)
+        return hf_name[:-len("k_proj")] + "q_proj"
+    return hf_name
 
 
 def mamba_before_attention(pattern: str) -> List[int]:
