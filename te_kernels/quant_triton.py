@@ -1,10 +1,11 @@
 """Fused FP8 / NVFP4 quantise-dequantise (forward) and straight-through backward as Triton kernels (GPU).
 
 The function is ``te_kernels/quant_torch.py``'s, bit for bit (tests/gpu/test_quant_kernels.py): one read of
-the input and one write of the output per pass, scales computed in registers, no copy of the weight; tile sizes autotuned per tensor size. Divisions
-use ``div_rn`` (IEEE round-to-nearest, as PyTorch) and E4M3 rounding is round-to-nearest-even after the same
-clamp as the reference, in integer arithmetic (``_e4m3_round``: bit-exact in the Triton interpreter on CPU too,
-tests/test_quant_numerics.py). Hopper has no NVFP4 GEMM (TE refuses its NVFP4 recipe there), so QAD emulates it.
+the input and one write of the output per pass, scales computed in registers, no copy of the weight; tile sizes
+autotuned per size class. Divisions use ``div_rn`` (IEEE round-to-nearest, as PyTorch) and E4M3 rounding is
+round-to-nearest-even after the same clamp as the reference, in integer arithmetic (``_e4m3_round``: bit-exact
+in the Triton interpreter on CPU too, tests/test_quant_numerics.py). Hopper has no NVFP4 GEMM (TE refuses its
+NVFP4 recipe there), so QAD emulates it.
 """
 
 from __future__ import annotations

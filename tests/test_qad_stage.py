@@ -1,8 +1,8 @@
 """The qad stage through the CLI: calibrate -> NVFP4 QAD -> evaluate table -> export --quant -> slice (CPU).
 
 A stage-2 run is planted in-process (test_elastic_slice_vs_masked's parent and budgets); the CLI then runs
-as users do. Checks: the scales file covers every quantised linear, the evaluate table has every row, the exported FP8 / NVFP4 elastic directories slice to a budget, and a
-missing stage 2 is one clear error line. (Resuming QAD reads the scales back: QADTask.setup.)
+as users do. Checks: the scales file covers the quantised linears, the evaluate table has every row, the
+exported FP8 / NVFP4 elastic directories slice to a budget, and a missing stage 2 is one clear error line.
 """
 
 import json
@@ -20,7 +20,8 @@ def _overrides(root):
     axes = [f"elastic.axes.{a}=[{', '.join(map(str, c))}]" for a, c in AXES.items()]
     return [f"run.root={root}", "run.device=cpu", f"model.pattern={PATTERN}", f"model.num_layers={len(PATTERN)}",
             *axes, "elastic.budgets=[{name: medium, fraction: 0.7}, {name: small, fraction: 0.4}]",
-            "stage2.budget_weights=[]", "training.data=synthetic", "qad.calibration_data=synthetic", "qad.calibration_samples=2",
+            "stage2.budget_weights=[]", "qad.budget_weights=[]", "training.data=synthetic",
+            "qad.calibration_data=synthetic", "qad.calibration_samples=2",
             "qad.training.train_iters=2", "qad.training.seq_length=32", "qad.training.global_batch_size=2",
             "qad.training.lr_warmup_iters=0", "qad.training.eval_iters=1", "stage2.training.seq_length=32",
             "stage2.training.eval_iters=1", "checkpointing.save_interval=2", "logging.tensorboard=false"]

@@ -31,7 +31,8 @@ def calibration_batches(recipe) -> List[Dict[str, torch.Tensor]]:
         from pipeline.training.synthetic import synthetic_batches
 
         n = -(-q.calibration_samples // mbs)
-        return list(islice(synthetic_batches(recipe.model.vocab_size, seq, recipe.run.seed + 17, 10 ** 8, mbs, 0, 1), n))
+        batches = synthetic_batches(recipe.model.vocab_size, seq, recipe.run.seed + 17, 10 ** 8, mbs, 0, 1)
+        return list(islice(batches, n))
     from data_prep.loading import calibration_batches as blend_batches
 
     return list(blend_batches(recipe, q.calibration_samples, seq, mbs))

@@ -32,7 +32,9 @@ def quant_storage_report(model, budgets: List, fmt: Optional[str], q, dtype_byte
                          element_bytes: Optional[Dict[str, int]] = None) -> Dict:
     full = hf_shapes(model)
     linears = set(hf_linears(model))
-    size = lambda name, shape: tensor_size(name, shape, model, fmt, q, dtype_bytes, element_bytes, linears)  # noqa: E731
+    def size(name, shape):
+        return tensor_size(name, shape, model, fmt, q, dtype_bytes, element_bytes, linears)
+
     rows = []
     for b in budgets:
         shapes = sliced_shapes(model, b.subnet)
@@ -41,6 +43,7 @@ def quant_storage_report(model, budgets: List, fmt: Optional[str], q, dtype_byte
                      "bytes": sum(size(parent, s) for s, parent in shapes.values())})
     separate = sum(r["bytes"] for r in rows)
     elastic = sum(size(n, s) for n, s in full.items())
-    return {"format": fmt or "bf16", "dtype_bytes": dtype_bytes, "elastic_elements": sum(prod(s) for s in full.values()),
+    return {"format": fmt or "bf16", "dtype_bytes": dtype_bytes,
+            "elastic_elements": sum(prod(s) for s in full.values()),
             "elastic_bytes": elastic, "budgets": rows, "separate_bytes": separate,
             "saved_fraction": 1.0 - elastic / separate if separate else 0.0}
