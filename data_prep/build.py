@@ -103,10 +103,13 @@ def tokenizer_facts(recipe, tok_dir: str) -> dict:
     """Vocabulary size, EOD and pad ids, token dtype and a content hash of the tokenizer at ``tok_dir``."""
     from megatron.core.datasets.indexed_dataset import DType
 
+    from pipeline.hf.files import load_tokenizer_dir
+
     try:
         tok = load_tokenizer(tok_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"data.tokenizer: cannot load a HF tokenizer from {tok_dir} ({e})") from None
+    except Exception:  # broken tokenizer files: one line naming the file
+        load_tokenizer_dir(tok_dir, "data.tokenizer")
+        raise
     vocab = len(tok)
     if vocab > recipe.model.vocab_size:
         raise UserError(f"the tokenizer at {tok_dir} has {vocab} tokens but model.vocab_size = "
@@ -146,7 +149,13 @@ def build_source(recipe, index: int, src, info: dict, strict: bool, force: bool,
         if not getattr(tok, "chat_template", None):
             raise UserError(f"data.sources[{index}] ({src.name}) is format chat but the tokenizer at "
                             f"{info['tokenizer']} has no chat template")
-        inline = not formats.template_renders_reasoning(tok)
+        try:
+            inline = not formats.template_renders_reasoning(tok)
+        except Exception as e:  # a chat template that does not compile or render (jinja errors)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{info['tokenizer']}: the tokenizer's chat template fails on a plain two-turn chat "
+                            f"({type(e).__name__}: {first[:200]}) [data.sources[{index}] ({src.name}) is format chat]"
+                            ) from None
     rep = SourceReport(name=src.name, path=path, format=src.format)
     if inline:
         rep.notes.append("the chat template ignores reasoning_content: inlined as <think>...</think>")
@@ -163,6 +172,8 @@ def build_source(recipe, index: int, src, info: dict, strict: bool, force: bool,
     if rep.written == 0:
         reasons = ", ".join(f"{r} x {n}" for r, n in rep.dropped.items())
         example = next(iter(rep.examples.values()), [""])[0]
+        if not rep.read:  # an empty file or directory: name it
+            raise UserError(f"data.sources[{index}] ({src.name}): {path} holds no records")
         raise UserError(f"data.sources[{index}] ({src.name}): none of {rep.read} records could be used "
                         f"({reasons or 'no input'}); e.g. {example}")
     _write_json(prefix + ".json", {"fingerprint": fingerprint, "report": rep.to_dict()})

@@ -12,7 +12,6 @@ Call these on every rank: with torch.distributed initialized, rank 0 builds the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -44,12 +43,14 @@ class IndexedTokenizer:
 
 def read_manifest(recipe) -> dict:
     path = os.path.join(layout.data_dir(recipe), layout.MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except OSError:
+    if not os.path.isfile(path):
         raise UserError(f"no prepared data at {path}: run `python -m pipeline data --recipe <recipe>` first, "
-                        "or use training.data=synthetic") from None
+                        "or use training.data=synthetic")
+    from pipeline.hf.files import read_json
+
+    manifest = read_json(path, "data manifest")
+    if not all(k in manifest for k in ("sources", "data_config", "vocab_size")):
+        raise UserError(f"{path}: not a data manifest (re-run the data stage)")
     for i, src in enumerate(recipe.data.sources):
         if src.name not in manifest["sources"]:
             raise UserError(f"data.sources[{i}] ({src.name}) is not in {path}: re-run the data stage")
@@ -68,9 +69,11 @@ def stage_seed(recipe, stage: str) -> int:
     return (recipe.run.seed * 1_000_003 + zlib.crc32(stage.encode())) % 2**32
 
 
-def build_dataset(recipe, split: str, seq_length: int, num_samples: int, seed: int):
+def build_dataset(recipe, split: str, seq_length: int, num_samples: int, seed: int, document_mask: bool = False):
     """The blended megatron dataset of ``split`` (train | valid | test) with at least ``num_samples`` samples
-    of ``seq_length`` tokens; samples are dicts of tokens, labels, loss_mask, position_ids."""
+    of ``seq_length`` tokens; samples are dicts of tokens, labels, loss_mask, position_ids. ``document_mask``
+    (``training.document_attention_mask``): megatron's block-causal ``attention_mask`` (no attention across an
+    end-of-document token) and position ids restarting at every document."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -82,7 +85,8 @@ def build_dataset(recipe, split: str, seq_length: int, num_samples: int, seed: i
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=d.split,
         path_to_cache=layout.cache_dir(recipe), tokenizer=IndexedTokenizer(manifest),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        reset_position_ids=document_mask, reset_attention_mask=document_mask, eod_mask_loss=False,
+        create_attention_mask=document_mask,
     )
     config.split_matrix = [m if i == which else None for i, m in enumerate(config.split_matrix)]
     for src in d.sources:
@@ -101,7 +105,8 @@ def _check_split_not_empty(recipe, manifest: dict, name: str, bookends, split: s
 
 
 def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in KEYS}
+    keys = KEYS + (("attention_mask",) if "attention_mask" in samples[0] else ())  # training.document_attention_mask
+    return {k: torch.stack([s[k] for s in samples]) for k in keys}
 
 
 def _check_rank(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
@@ -117,7 +122,7 @@ def train_batches(recipe, stage: str, consumed_samples: int, micro_batch_size: i
         raise ValueError(f"consumed_samples = {consumed_samples} < 0")
     t = getattr(recipe, stage).training
     dataset = build_dataset(recipe, "train", t.seq_length, t.train_iters * t.global_batch_size,
-                            stage_seed(recipe, stage))
+                            stage_seed(recipe, stage), t.document_attention_mask)
     return _train_iter(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size)
 
 
@@ -140,7 +145,7 @@ def valid_batches(recipe, stage: str, micro_batch_size: int, dp_rank: int,
     total = t.eval_iters * t.global_batch_size
     if total == 0:
         return iter(())
-    dataset = build_dataset(recipe, "valid", t.seq_length, total, stage_seed(recipe, stage))
+    dataset = build_dataset(recipe, "valid", t.seq_length, total, stage_seed(recipe, stage), t.document_attention_mask)
     return _finite_iter(dataset, total, micro_batch_size, dp_rank, dp_size)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -95,17 +96,31 @@ def _dropped(location: str, reason: str, detail: str, nbytes: int) -> Chunk:
 def _text_chunk(paths: List[str]) -> Chunk:
     payloads = []
     for p in paths:
-        with open(p, "rb") as f:
-            payloads.append(f.read())
-    return Chunk("file", payloads, sum(map(len, payloads)), locations=list(paths))
+        try:
+            with open(p, "rb") as f:
+                payloads.append(f.read())
+        except OSError as e:  # e.g. no read permission: counted as unreadable, named by its path
+            payloads.append(Dropped("unreadable", e.strerror or str(e)))
+    return Chunk("file", payloads, sum(len(x) for x in payloads if isinstance(x, bytes)), locations=list(paths))
 
 
 def _line_chunks(path: str) -> Iterator[Chunk]:
     gz = path.endswith(".gz")
-    with (gzip.open if gz else open)(path, "rb") as f:
-        first, done = 1, 0
+    first = 1
+    try:
+        f = (gzip.open if gz else open)(path, "rb")
+    except OSError as e:
+        yield _dropped(path, "unreadable", e.strerror or str(e), 0)
+        return
+    with f:
+        done = 0
         while True:
-            lines = f.readlines(BYTES_PER_CHUNK)  # whole lines, about this many bytes
+            try:
+                lines = f.readlines(BYTES_PER_CHUNK)  # whole lines, about this many bytes
+            except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt .gz: the rest is lost
+                what = "truncated or corrupt gzip stream" if gz else "read error"
+                yield _dropped(f"{path}:{first}", "unreadable", f"{what} from here on ({e})"[:200], 0)
+                return
             if not lines:
                 break
             pos = f.fileobj.tell() if gz else done + sum(map(len, lines))  # progress: compressed bytes
@@ -115,8 +130,11 @@ def _line_chunks(path: str) -> Iterator[Chunk]:
 
 
 def _first_char(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError:
+        return ""  # read as lines, whose reader reports the error with the path
     return head[:1].decode("latin-1")
 
 
@@ -189,7 +207,11 @@ def _arrow_chunks(path: str) -> Iterator[Chunk]:
 def _hf_chunks(path: str, split: str) -> Iterator[Chunk]:
     import datasets
 
-    ds = datasets.load_from_disk(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # a torn state.json / dataset_info.json / arrow file of a saved dataset
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot load the saved HF dataset ({type(e).__name__}: {first[:200]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"{path}: the saved HF dataset has splits {', '.join(ds)}, not {split!r} "

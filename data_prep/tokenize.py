@@ -58,7 +58,7 @@ def load_tokenizer(path: str):
 
 def _content(kind: str, payload, job: TokenizeJob):
     """The document text (format text) or the validated messages (format chat) of one item."""
-    if kind == "dropped":
+    if kind == "dropped" or isinstance(payload, Dropped):  # found while reading (a file that would not open)
         raise payload
     if kind == "file":
         if job.format != "text":

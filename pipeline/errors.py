@@ -8,3 +8,11 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradients became NaN / inf (a diverging run): one line naming the step and the budget.
+
+    Exit code 3 tells it apart from bad input; the last checkpoint is left as it was."""
+
+    exit_code = 3

@@ -215,9 +215,10 @@ def kd_tp2() -> Dict:
     s = student[..., shard].clone().requires_grad_(True)
     out = {}
     for temperature in (1.0, 2.0):
-        s.grad = None
-        kl = forward_kl(s, teacher[..., shard], mask, temperature)
-        kl.sum().backward()
-        out[temperature] = {"kl": kl.detach(), "grad": s.grad.clone()}
+        for chunk in (0, 5):  # all tokens at once; 5-token chunks (12 tokens: a ragged last chunk)
+            s.grad = None
+            kl = forward_kl(s, teacher[..., shard], mask, temperature, chunk_tokens=chunk)
+            kl.sum().backward()
+            out[(temperature, chunk)] = {"kl": kl.detach(), "grad": s.grad.clone()}
     parallel.shutdown()
     return {"rank": rank, "student": student, "teacher": teacher, "mask": mask, "out": out}

@@ -31,7 +31,7 @@ def test_elastic_section_states_and_comments_every_key(path):
 
 BAD = {
     "target": ("elastic.target=latency", "elastic.target = 'latency', expected one of active, params, memory"),
-    "tau decay": ("elastic.tau_decay=1.5", "elastic.tau_decay must be <= 1"),
+    "tau decay": ("elastic.tau_decay=1.5", "elastic.tau_decay = 1.5 must be <= 1"),
     "router width": ("elastic.router_hidden=0", "elastic.router_hidden = 0 must be >= 1"),
     "temperature": ("elastic.kd_temperature=0", "elastic.kd_temperature = 0.0 must be > 0"),
     "aux loss": ("model.moe_aux_loss_coeff=0.01", "elastic.axes.experts needs model.moe_aux_loss_coeff = 0"),

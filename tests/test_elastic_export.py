@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import NANO, TINY
+from data_prep import demo_corpus, demo_tokenizer
 from test_hf_roundtrip import OVERRIDES, TOL, make_hf_parent, recipe_for
 from test_slicing import budget_subnet, megatron_logits, megatron_model
 
@@ -34,7 +35,7 @@ def _budgets(m):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """import -> stage2 (copy) + elastic_budgets.json + a tokenizer file -> export (the elastic dir)."""
+    """import -> stage2 (copy) + elastic_budgets.json + the demo tokenizer -> export (the elastic dir)."""
     from pipeline.cli import run
     from pipeline.elastic.subnet import BUDGETS_FILE, budgets_to_json
 
@@ -48,13 +49,28 @@ def run_dir(tmp_path_factory):
     m = recipe_for(root).model
     with open(os.path.join(run_root, "stage2", BUDGETS_FILE), "w") as f:
         json.dump(budgets_to_json(m, _budgets(m)), f)
-    os.makedirs(os.path.join(run_root, "data", "tokenizer"))
-    with open(os.path.join(run_root, "data", "tokenizer", "tokenizer.json"), "w") as f:
-        f.write('{"demo": true}')
+    corpus = str(d / "chat.jsonl")
+    demo_corpus.write_jsonl(corpus, "chat", 100, seed=3)
+    demo_tokenizer.train_demo_tokenizer(os.path.join(run_root, "data", "tokenizer"), [corpus], 512, meta={})
     run(["export", "--recipe", TINY, *args])
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(5))
     return {"root": root, "args": args, "elastic": os.path.join(run_root, "elastic"), "model": m,
             "tokens": tokens, "ckpt": os.path.join(run_root, "stage2", "checkpoints", "iter_0000000"), "d": d}
+
+
+def assert_special_tokens(config_path, tokenizer_dir):
+    """config.json names the tokenizer's own eos / pad ids (and no bos: the demo BPE has none), so transformers'
+    NemotronH defaults (bos 1, eos 2, pad 0) never stand in for them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with open(config_path) as f:
+        cfg = json.load(f)
+    assert cfg["eos_token_id"] == tok.convert_tokens_to_ids(demo_tokenizer.EOS) == tok.eos_token_id
+    assert cfg["pad_token_id"] == tok.convert_tokens_to_ids(demo_tokenizer.PAD) == tok.pad_token_id
+    assert "bos_token_id" in cfg and cfg["bos_token_id"] is None and tok.bos_token_id is None
+    loaded = AutoConfig.from_pretrained(os.path.dirname(config_path))
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.bos_token_id) == (tok.eos_token_id, tok.pad_token_id, None)
 
 
 def reference_logits(run_dir, subnet):
@@ -104,7 +120,9 @@ def test_elastic_dir_layout_and_full_budget(run_dir):
     assert data["source_checkpoint"] == os.path.abspath(run_dir["ckpt"])
     assert os.path.isfile(os.path.join(e, "megatron", "iter_0000000", "metadata.json"))
     assert open(os.path.join(e, "megatron", "latest_checkpointed_iteration.txt")).read() == "0"
-    assert open(os.path.join(e, "tokenizer.json")).read() == '{"demo": true}'
+    tok_dir = os.path.join(run_dir["root"], "tiny", "data", "tokenizer")
+    assert open(os.path.join(e, "tokenizer.json")).read() == open(os.path.join(tok_dir, "tokenizer.json")).read()
+    assert_special_tokens(os.path.join(e, "config.json"), tok_dir)
     assert not os.path.exists(e + ".partial")
     delta = (transformers_logits(e, run_dir["tokens"]) - reference_logits(run_dir, budget_subnet(0))).abs().max()
     print(f"\nelastic dir (full budget) in transformers vs megatron: {delta:.3g}")
@@ -124,6 +142,7 @@ def test_sliced_budget_matches_megatron_at_that_budget(run_dir, tmp_path, name):
     assert cfg["hidden_size"] == subnet.hidden and cfg["n_routed_experts"] == subnet.experts
     assert cfg["num_hidden_layers"] == run_dir["model"].num_layers - len(subnet.skip_layers)
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert_special_tokens(os.path.join(out, "config.json"), os.path.join(run_dir["root"], "tiny", "data", "tokenizer"))
     ref = reference_logits(run_dir, subnet)
     delta = (transformers_logits(out, run_dir["tokens"]) - ref).abs().max().item()
     print(f"\n{name}: sliced HF in transformers vs megatron at the budget: max |d| = {delta:.3g}")
@@ -209,7 +228,7 @@ def test_storage_report_of_the_nano_recipe(cli):
     recipe = load_recipe(NANO, [])
     budgets = budgets_from_axes(recipe)
     assert [(b.subnet.hidden, b.subnet.moe_ffn, b.subnet.shared_expert_ffn) for b in budgets] == [
-        (2688, 1856, 3712), (2240, 1600, 3712), (1856, 960, 3712)]
+        (2688, 1856, 3712), (2176, 1664, 3712), (1920, 960, 3712)]
     report = storage_report(recipe.model, budgets)
     bias = recipe.model.pattern.count("E") * recipe.model.num_experts
     for b, row in zip(budgets, report["budgets"]):

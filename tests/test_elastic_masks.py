@@ -183,3 +183,34 @@ def test_per_layer_sizes_equal_the_parent_with_dropped_weights_zeroed(env):
     every = {i: {"attention_heads": 2} for i, s in enumerate(m.pattern) if s == "*"}
     same = masked_logits(env, dataclasses.replace(Subnet.full(m), per_layer=every))
     assert torch.equal(same, masked_logits(env, subnet(m, "attention_heads")))
+
+
+def test_after_the_steps_one_fetch_the_elastic_code_reads_nothing_on_the_host(env, monkeypatch):
+    """The step's host numbers come from one transfer (``fetch_to_host``, at begin_step); setting the masks, the
+    budget loss and the logged choice then never read a tensor on the host (.item / .cpu / .tolist / float()):
+    on a GPU each would wait for the device."""
+    from pipeline.elastic.budget import budget_loss
+    from pipeline.elastic.router import fetch_to_host
+
+    r, m = env["r"], env["m"]
+    torch.manual_seed(0)
+    e = dataclasses.replace(r.elastic, heterogeneous=True)
+    router = ElasticRouter(e, m)
+    choices = [router(b, 1.0, 2.0, hard=hard, generator=torch.Generator().manual_seed(b))
+               for b in range(3) for hard in (True, False)]
+    fetch_to_host([a for c in choices for a in c.axes.values()])
+    budget_loss(choices[0], m, 0.5, e, REMOVAL_ORDER)  # warm the device constants (built once per device)
+    env["masks"].set_choice(choices[0])
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host read of a tensor inside the step")
+
+    for name in ("item", "cpu", "tolist", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for choice in choices:
+        env["masks"].set_choice(choice)
+        loss, size = budget_loss(choice, m, 0.5, e, REMOVAL_ORDER)
+        choice.sizes()
+    monkeypatch.undo()
+    env["masks"].clear()
+    assert loss.dim() == 0 and size.requires_grad is False

@@ -65,8 +65,9 @@ def test_vocab_parallel_kd_equals_full_vocab_kl(tmp_path):
         want = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature ** 2 * mask
         want.sum().backward()
         by_rank = sorted(ranks, key=lambda r: r["rank"])
-        for r in by_rank:
-            torch.testing.assert_close(r["out"][temperature]["kl"], want.detach(), rtol=1e-5, atol=1e-6)
-        grad = torch.cat([r["out"][temperature]["grad"] for r in by_rank], dim=-1)
-        torch.testing.assert_close(grad, s.grad, rtol=1e-5, atol=1e-7)
+        for chunk in (0, 5):  # the chunked KL: every chunk's reductions over the vocabulary shards
+            for r in by_rank:
+                torch.testing.assert_close(r["out"][(temperature, chunk)]["kl"], want.detach(), rtol=1e-5, atol=1e-6)
+            grad = torch.cat([r["out"][(temperature, chunk)]["grad"] for r in by_rank], dim=-1)
+            torch.testing.assert_close(grad, s.grad, rtol=1e-5, atol=1e-7)
         assert want.sum() > 0.1 and s.grad.abs().max() > 1e-3  # an informative comparison

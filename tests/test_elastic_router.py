@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from conftest import TINY
 from pipeline.config import load_recipe
-from pipeline.elastic.budget import budget_loss, memory_bytes, target_size
-from pipeline.elastic.kd import forward_kl, sample_budget
-from pipeline.elastic.router import (AxisChoice, Choice, ElasticRouter, budget_vector, logit_scale_at,
-                                     tau_at)
+from pipeline.elastic.budget import budget_loss, choice_size, memory_bytes, target_size
+from pipeline.elastic.kd import forward_kl, forward_kl_unchunked, sample_budget
+from pipeline.elastic.router import (AxisChoice, Choice, ElasticRouter, budget_vector, fetch_to_host,
+                                     logit_scale_at, tau_at)
 from pipeline.elastic.subnet import Subnet
 from pipeline.model.params import Dims, count_model
 
@@ -37,7 +37,7 @@ def test_budget_loss_dead_zone_and_full_budget_penalty(tiny):
     sub = dataclasses.replace(Subnet.full(m), hidden=96, moe_ffn=48)
     ratio = sub.count(m).active / count_model(m).active
     loss, expected = budget_loss(choice, m, ratio, e)
-    assert expected == pytest.approx(sub.count(m).active, rel=1e-6) and float(loss) == 0.0
+    assert float(expected) == pytest.approx(sub.count(m).active, rel=1e-6) and float(loss) == 0.0
     assert float(budget_loss(choice, m, ratio / 1.04, e)[0]) == 0.0  # 4% over the target: inside
     assert float(budget_loss(choice, m, ratio / 0.96, e)[0]) == 0.0  # 4% under
     assert float(budget_loss(choice, m, ratio / 1.06, e)[0]) == pytest.approx(0.06, rel=1e-4)
@@ -70,7 +70,7 @@ def test_memory_target_against_hand_computation(tiny):
     e = dataclasses.replace(tiny.elastic, target="memory", memory_seq_length=4096, memory_cache_bytes=1.0,
                             memory_dispatch_tokens=100)
     _, expected = budget_loss(one_hot_choice(tiny, mamba_heads=4), m, 0.9, e)
-    assert expected == pytest.approx(got, rel=1e-6)
+    assert float(expected) == pytest.approx(got, rel=1e-6)
 
 
 def test_expected_sizes_are_differentiable_including_depth(tiny):
@@ -85,6 +85,40 @@ def test_expected_sizes_are_differentiable_including_depth(tiny):
     assert [float(k) for k in keep] == [1, 1, 0.25, 1, 1, 0.25, 1, 1]
     budget_loss(choice, m, 0.3, tiny.elastic, removal_order=[5, 2, 7])[0].backward()
     assert logits.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("target", ["active", "params", "memory"])
+def test_vectorised_size_equals_the_per_layer_counter(tiny, target):
+    """``choice_size`` (one formula per layer kind on vectors) == the per-layer counter, value and gradient,
+    with per-layer (heterogeneous) choices and a depth axis."""
+    m = tiny.model
+    e = dataclasses.replace(tiny.elastic, target=target, heterogeneous=True, memory_dispatch_tokens=64)
+    e.axes = dataclasses.replace(e.axes, depth=[8, 6, 5])
+    torch.manual_seed(0)
+    router = ElasticRouter(e, m)
+    order = [5, 2, 7, 1]
+    choice = router(1, 0.7, 2.0, hard=False, generator=torch.Generator().manual_seed(3))
+    assert any(a.probs.dim() == 2 for a in choice.axes.values())
+    per_layer = target_size(choice.expected_subnet_dims(m), m, e, choice.expected_keep(m, order))
+    fast = choice_size(choice, m, e, order)
+    assert float(fast) == pytest.approx(float(per_layer), rel=1e-6)
+    g_fast = torch.autograd.grad(fast, list(router.parameters()), retain_graph=True)
+    g_ref = torch.autograd.grad(per_layer, list(router.parameters()))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_host_copy_matches_the_device_choice(tiny):
+    """One transfer per step brings every axis' probs and argmax over; they equal the tensors'."""
+    torch.manual_seed(0)
+    e = dataclasses.replace(tiny.elastic, heterogeneous=True)
+    router = ElasticRouter(e, tiny.model)
+    choices = [router(b, 1.0, 1.0, hard=True, generator=torch.Generator().manual_seed(b)) for b in range(3)]
+    fetch_to_host([a for c in choices for a in c.axes.values()])
+    for c in choices:
+        for a in c.axes.values():
+            np.testing.assert_array_equal(a.host_probs, a.probs.detach().double().numpy())
+            np.testing.assert_array_equal(a.host_argmax, a.probs.detach().argmax(-1).numpy())
 
 
 TARGET_CASES = {  # target -> (heterogeneous, budget fractions); memory at 4K is dominated by the KV cache
@@ -169,3 +203,24 @@ def test_forward_kl_single_rank():
     want = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="none", log_target=True).sum(-1)
     torch.testing.assert_close(forward_kl(s, t, mask), want * mask)
     assert forward_kl(t, t, None).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7, 64])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kl_equals_the_unchunked_autograd_form(chunk, temperature):
+    """Loss and student gradient of the chunked Function == the autograd form (which holds every fp32
+    temporary), for chunks that divide the 10 tokens, do not, or exceed them; bf16 logits too."""
+    gen = torch.Generator().manual_seed(1)
+    s0, t = 3 * torch.randn(2, 5, 48, generator=gen), 3 * torch.randn(2, 5, 48, generator=gen)
+    mask = (torch.rand(2, 5, generator=gen) > 0.3).float()
+    w = torch.rand(2, 5, generator=gen)  # a non-uniform upstream gradient
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        a, b = (s0.to(dtype).clone().requires_grad_(True) for _ in range(2))
+        got = forward_kl(a, t.to(dtype), mask, temperature, chunk_tokens=chunk)
+        want = forward_kl_unchunked(b, t.to(dtype), mask, temperature)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        (got * w).sum().backward()
+        (want * w).sum().backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
+        assert b.grad.abs().max() > 1e-2

@@ -58,8 +58,9 @@ def elastic(parent, tmp_path_factory):
     """stage1 and stage2 as the tiny recipe has them, then evaluate."""
     root = fresh_root(parent, tmp_path_factory.mktemp("elastic"))
     out = {}
-    for stage in ("stage1", "stage2", "evaluate"):
-        proc = run_cli(stage, "--recipe", TINY, f"run.root={root}", *PARENT, check=True)
+    for stage in ("stage1", "stage2", "evaluate"):  # stage 1 also validates every budget every 30 steps
+        proc = run_cli(stage, "--recipe", TINY, f"run.root={root}", *PARENT, "stage1.training.eval_interval=30",
+                       check=True)
         out[stage] = proc.stdout
     return root, out
 
@@ -85,6 +86,14 @@ def test_logs_name_each_budget(elastic):
     for name in ("full", "medium", "small"):
         assert {f"kd/{name}", f"budget_loss/{name}", f"size/{name}", f"choice/{name}/hidden"} <= keys
         assert f"[stage1] budget {name}: active" in out["stage1"]
+    # training.eval_interval: every budget's validation loss at steps 30 and 60, in the log and metrics.jsonl
+    recs = metrics(root, "stage1")
+    for step in (30, 60):
+        for name in ("full", "medium", "small"):
+            assert 0 < recs[step][f"val_loss/{name}"] < 20
+        assert recs[step]["val_loss/full"] < recs[step]["val_loss/small"]
+    assert not any(k.startswith("val_loss/") for k in recs[29])
+    assert "[stage1] validation | val_loss/full" in out["stage1"]
     # stage 2 samples full : medium : small = 0.5 : 0.3 : 0.2 (80 draws: loose bounds, exact draws tested
     # in test_elastic_router)
     counts = {n: sum(f"kd/{n}" in rec for rec in metrics(root, "stage2").values()) for n in ("full", "small")}
@@ -115,7 +124,7 @@ def test_killed_stage1_resumes_to_the_same_curve(parent, tmp_path):
     rerun = run_cli("stage1", "--recipe", TINY, f"run.root={root}", *PARENT, *SHORT, check=True)
     assert "resumed from" in rerun.stdout
     a, b = metrics(straight, "stage1"), metrics(root, "stage1")
-    drop = ("tokens_per_s_per_gpu", "mem_gib", "mfu")
+    drop = ("tokens_per_s_per_gpu", "tflops_per_gpu", "mem_gib", "mfu")  # timings
     assert {s: {k: v for k, v in r.items() if k not in drop} for s, r in a.items()} == \
         {s: {k: v for k, v in r.items() if k not in drop} for s, r in b.items()}
     assert budgets(straight, "stage1")["budgets"] == budgets(root, "stage1")["budgets"]

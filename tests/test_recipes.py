@@ -29,11 +29,11 @@ def test_precedence_defaults_yaml_cli():
     r = load_recipe(TINY)
     assert r.model.hidden_size == 128  # yaml over default (64)
     assert r.checkpointing.async_save is False
-    r = load_recipe(TINY, ["model.init_std=0.01", "training.lr=1e-4", "parallelism.pp=2", "parallelism.pp_layers=[3, 5]"])
+    r = load_recipe(TINY, ["model.init_std=0.01", "training.lr=1e-4", "training.min_lr=1e-5", "parallelism.pp=2", "parallelism.pp_layers=[3, 5]"])
     assert r.model.init_std == 0.01 and r.training.lr == 1e-4 and r.parallelism.pp_layers == [3, 5]
     # stage blocks inherit the top-level training section, and override it
     assert r.pretrain.training.lr == 1e-4
-    r = load_recipe(TINY, ["training.lr=1e-4", "pretrain.training.lr=5e-4"])
+    r = load_recipe(TINY, ["training.lr=1e-4", "training.min_lr=1e-5", "pretrain.training.lr=5e-4"])
     assert r.pretrain.training.lr == 5e-4 and r.training.lr == 1e-4
 
 

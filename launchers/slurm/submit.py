@@ -24,9 +24,12 @@ def check_stages(stages: Sequence[str]) -> None:
 
 def check_world(recipe: Recipe, stages: Sequence[str]) -> None:
     """The ranks a job gets must split into the recipe's model-parallel groups."""
-    p, per_node = recipe.parallelism, recipe.slurm.tasks_per_node
-    model_parallel = p.tp * p.pp * p.cp
+    from pipeline.config.load import for_stage
+
+    per_node = recipe.slurm.tasks_per_node
     for stage in stages:
+        p = for_stage(recipe, stage).parallelism  # a training stage's own layout
+        model_parallel = p.tp * p.pp * p.cp
         nodes = stage_nodes(recipe, stage)
         if (nodes * per_node) % model_parallel:
             raise UserError(f"slurm: stage {stage} gets {nodes} node(s) x {per_node} tasks = {nodes * per_node} "

@@ -34,17 +34,53 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"recipe file not found: {path}")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text (UTF-8) recipe file (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}:{e.line}: key '{e.key}' is given twice (first at line {e.first}); "
+                        "keep one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
     if raw is None:
-        return {}
+        raise UserError(f"{path}: the recipe is empty (start from recipes/tiny.yaml)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a recipe must say each key once."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader's own error names unhashable keys
+            if key in seen:
+                raise DuplicateKeyError(str(key), line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: Dict[str, Any], item: str) -> None:
@@ -71,6 +107,7 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
 def build_recipe(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
     raw = dict(raw)
     top_training = raw.get("training") or {}
+    top_parallel = raw.get("parallelism") or {}
     for stage in TRAIN_STAGES:
         block = raw.get(stage)
         if block is None:
@@ -82,7 +119,11 @@ def build_recipe(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
             raise UserError(f"{source}: {stage}.training must be a mapping")
         if not isinstance(top_training, dict):
             raise UserError(f"{source}: training must be a mapping")
-        raw[stage] = {**block, "training": {**top_training, **stage_training}}
+        stage_parallel = block.get("parallelism") or {}
+        if not isinstance(stage_parallel, dict) or not isinstance(top_parallel, dict):
+            raise UserError(f"{source}: parallelism and {stage}.parallelism must be mappings")
+        raw[stage] = {**block, "training": {**top_training, **stage_training},
+                      "parallelism": {**top_parallel, **stage_parallel}}
     return to_dataclass(Recipe, raw, path="", source=source)
 
 
@@ -142,6 +183,14 @@ def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def for_stage(recipe: Recipe, stage: str) -> Recipe:
+    """The recipe a training stage runs with: its ``<stage>.parallelism`` block (the top-level one with the
+    stage's overrides) as ``parallelism``. Other stages run with the top-level layout."""
+    if stage not in TRAIN_STAGES:
+        return recipe
+    return dataclasses.replace(recipe, parallelism=getattr(recipe, stage).parallelism)
 
 
 def stage_training(recipe: Recipe, stage: str) -> TrainingConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from pipeline.config.parallel_checks import check_stage_layouts, validate_stage_layouts
+from pipeline.config.domain import check_domains
 from pipeline.config.schema import TRAIN_STAGES, Recipe
 from pipeline.errors import UserError
 
@@ -14,7 +16,7 @@ CHOICES = {
     "model.backend": ("auto", "te", "local"),
     "model.activation": ("squared_relu", "gelu", "silu"),
     "model.moe_score_function": ("sigmoid", "softmax"),
-    "parallelism.recompute": ("none", "full"),
+    "parallelism.recompute": ("none", "full", "selective"),
     "parallelism.moe_token_dispatcher": ("alltoall", "allgather"),
 }
 TRAINING_CHOICES = {
@@ -25,7 +27,7 @@ TRAINING_CHOICES = {
 }
 
 
-def validate(recipe: Recipe, source: str = "<recipe>") -> None:
+def validate(recipe: Recipe, source: str = "<recipe>", stage_layouts: bool = True) -> None:
     def fail(msg: str):
         raise UserError(f"{source}: {msg}")
 
@@ -35,6 +37,8 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             obj = getattr(obj, part)
         return obj
 
+    check_domains(recipe, fail=fail)  # each key's own domain (schema.py), then the relations below
+    _validate_relations(recipe, fail)
     for path, allowed in CHOICES.items():
         if get(path) not in allowed:
             fail(f"{path} = {get(path)!r}, expected one of {', '.join(allowed)}")
@@ -104,9 +108,10 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             fail(f"{stage}.training.fp8 = {t.fp8} needs the Transformer Engine backend, but model.backend = local")
         if t.fp8 != "none" and t.precision == "fp32":
             fail(f"{stage}.training.fp8 = {t.fp8} trains with bf16 weights: set {stage}.training.precision to auto or bf16")
-        if p.cp > 1 and t.seq_length % (2 * p.cp):
-            fail(f"{stage}.training.seq_length must be a multiple of 2 * parallelism.cp")
 
+    check_stage_layouts(recipe, fail)  # CP, recompute, packed sequences: per stage (parallel_checks.py)
+    if stage_layouts:
+        validate_stage_layouts(recipe, source)
     _validate_data(recipe, fail)
 
     _validate_elastic(recipe, fail)
@@ -115,6 +120,22 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     from pipeline.quant.spec import validate_qad
 
     validate_qad(recipe, fail)
+
+
+def _validate_relations(recipe: Recipe, fail) -> None:
+    """Relations between keys that no single key's domain expresses."""
+    for stage in TRAIN_STAGES:
+        t = getattr(recipe, stage).training
+        if t.min_lr > t.lr:
+            fail(f"{stage}.training.min_lr = {t.min_lr:g} exceeds lr = {t.lr:g}")
+    fractions = [b.fraction for b in recipe.elastic.budgets]
+    if len(set(fractions)) != len(fractions):
+        dup = next(f for f in fractions if fractions.count(f) > 1)
+        fail(f"elastic.budgets: two budgets have fraction {dup:g} (each budget needs its own size)")
+    m = recipe.model
+    if m.num_query_groups > m.num_attention_heads:
+        fail(f"model.num_query_groups = {m.num_query_groups} exceeds model.num_attention_heads = "
+             f"{m.num_attention_heads}")
 
 
 DATA_FORMATS = ("text", "chat")
@@ -239,9 +260,6 @@ def check_elastic_run(recipe: Recipe, stage: str) -> None:
     if p.tp > 1 and not p.sequence_parallel:
         # the router's gradient is summed over TP ranks: each must hold a distinct part of the residual stream
         raise UserError(f"{where} parallelism.tp = {p.tp} needs parallelism.sequence_parallel = true")
-    if p.pp > 1 and p.recompute != "none":
-        # recomputation under 1F1B would re-run a micro-batch under a later micro-batch's masks
-        raise UserError(f"{where} parallelism.recompute = {p.recompute!r} with pp = {p.pp}: use recompute: none")
     if p.cp > 1 and len(e.axes.mamba_heads) > 1:
         raise UserError(f"{where} parallelism.cp = {p.cp} with elastic Mamba heads: megatron's Mamba context "
                         f"parallelism re-shards heads across CP ranks; use cp = 1 or a fixed Mamba width")

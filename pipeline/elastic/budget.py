@@ -1,8 +1,10 @@
 """The budget (router) loss: push the router's expected subnet to a fraction of the parent's size.
 
-Expected config = probs . choice values per axis (``Choice.expected_subnet_dims``), depth as each layer's
+Expected config = probs . choice values per axis (``Choice.expected_sizes``), depth as each layer's
 probability of being kept; its size goes through the exact parameter counter (``pipeline.model.params``),
-which is plain arithmetic and therefore differentiable in the expected sizes. Targets:
+which is plain arithmetic and therefore differentiable in the expected sizes. In the step it is evaluated once
+per layer KIND on vectors of that kind's per-layer sizes and keep probabilities (``choice_size``: a few dozen
+kernels, no host sync) rather than layer by layer. Targets:
 
 - ``active``: active parameters per token (routed experts count top-k only) -- the papers' target;
 - ``params``: total parameters;
@@ -15,6 +17,7 @@ L = |P(cfg) / (b * P_full) - 1|, zero while inside +-dead_zone; for b = 1 add
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -70,18 +73,57 @@ def target_size(dims: Dims, m: ModelConfig, elastic: ElasticConfig, keep: Option
     return _params(dims, m.pattern, keep, active=elastic.target == "active")
 
 
+def choice_size(choice, m: ModelConfig, elastic: ElasticConfig, removal_order: Sequence[int] = ()) -> torch.Tensor:
+    """``target_size`` of the router's expected subnet, vectorised over the layers of each kind: each kind's
+    per-layer formula runs once on [n_layers_of_kind] vectors (or scalars when homogeneous), weighted by the
+    layers' keep probabilities. Equal to ``target_size(choice.expected_subnet_dims(m), m, elastic,
+    choice.expected_keep(m, removal_order))``."""
+    from pipeline.elastic.router import AXIS_KIND, device_constant
+
+    if elastic.target not in TARGETS:
+        raise ValueError(f"elastic.target = {elastic.target!r}, expected one of {', '.join(TARGETS)}")
+    expected = choice.expected_sizes()
+    some = next(a.probs for a in choice.axes.values())
+    like = torch.empty((), device=some.device, dtype=torch.float32)
+    keep = choice.expected_keep_vector(m, removal_order)
+    base = Dims.from_model(m)
+    if "hidden" in expected:
+        base = dataclasses.replace(base, hidden=expected["hidden"])
+    memory = elastic.target == "memory"
+    params = _embedding(base)
+    cache = 0
+    for sym in sorted(set(m.pattern)):
+        layers = [i for i, s in enumerate(m.pattern) if s == sym]
+        d = dataclasses.replace(base, **{a: v for a, v in expected.items() if AXIS_KIND.get(a) == sym})
+        if keep is None:
+            weight = float(len(layers))
+            weigh = lambda x: x * weight if not torch.is_tensor(x) or x.dim() == 0 else x.sum()  # noqa: E731
+        else:
+            idx = device_constant(("layers", m.pattern, sym), lambda: torch.tensor(layers), like).long()
+            k = keep.index_select(0, idx)
+            weigh = lambda x: (x * k).sum()  # noqa: E731
+        params = params + weigh(layer_params(sym, d, active=elastic.target == "active"))
+        if memory and sym in "*M":
+            cache = cache + weigh(cache_elements(sym, d, elastic.memory_seq_length))
+    if not memory:
+        return torch.as_tensor(params, dtype=torch.float32, device=like.device)
+    dispatch = elastic.memory_dispatch_tokens * base.topk * base.hidden if "E" in m.pattern else 0
+    cache_bytes = elastic.memory_param_bytes if elastic.memory_cache_bytes is None else elastic.memory_cache_bytes
+    total = params * elastic.memory_param_bytes + (cache + dispatch) * cache_bytes
+    return torch.as_tensor(total, dtype=torch.float32, device=like.device)
+
+
 def budget_loss(choice, model_cfg: ModelConfig, fraction: float, elastic: ElasticConfig,
-                removal_order: Sequence[int] = ()) -> Tuple[torch.Tensor, float]:
-    """(loss, expected size) of the router's ``choice`` for a budget of ``fraction`` of the parent."""
-    dims = choice.expected_subnet_dims(model_cfg)
-    expected = target_size(dims, model_cfg, elastic, choice.expected_keep(model_cfg, removal_order))
+                removal_order: Sequence[int] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, expected size) of the router's ``choice`` for a budget of ``fraction`` of the parent; both
+    tensors on the router's device (the size detached), so the step never waits for them."""
+    expected = choice_size(choice, model_cfg, elastic, removal_order)
     full = float(target_size(Dims.from_model(model_cfg), model_cfg, elastic))
-    expected = torch.as_tensor(expected, dtype=torch.float32)
     miss = (expected / (fraction * full) - 1.0).abs()
     loss = torch.where(miss > elastic.dead_zone, miss, torch.zeros_like(miss))
     if fraction >= 1.0:
         loss = loss + elastic.full_budget_penalty * (1.0 - expected / full)
-    return loss, float(expected.detach())
+    return loss, expected.detach()
 
 
 def smallest_fraction(model_cfg: ModelConfig, elastic: ElasticConfig) -> float:

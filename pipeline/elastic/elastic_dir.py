@@ -36,16 +36,19 @@ MEGATRON_DIR = "megatron"
 
 def read_budgets(path: str, model: ModelConfig) -> List[ResolvedBudget]:
     """The budgets of an ``elastic_budgets.json`` / ``elastic.json``, each checked against ``model``."""
+    from pipeline.hf.files import read_json
+
+    data = read_json(path, "budgets file")  # missing / malformed: one line naming the file
     try:
-        with open(path) as f:
-            budgets = budgets_from_json(json.load(f), path)
+        budgets = budgets_from_json(data, path)
         for b in budgets:
             try:
                 b.subnet.check(model)
             except ValueError as e:
                 raise ValueError(f"{path}: budget {b.name!r}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0]) from None
+    except (KeyError, TypeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(first if first.startswith(path) else f"{path}: malformed ({first})") from None
     if not budgets:
         raise UserError(f"{path}: no budgets")
     return budgets
@@ -63,6 +66,12 @@ def read_elastic(ckpt_dir: str) -> Tuple[Dict[str, Any], ModelConfig, List[Resol
         model = ModelConfig(**data["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: malformed ({str(e).splitlines()[0]})") from None
+    from pipeline.config.domain import check_domains
+
+    def fail(msg):
+        raise UserError(f"{path}: {msg}")
+
+    check_domains(model, "model", fail)  # sizes a hand-edited elastic.json could break
     return data, model, read_budgets(path, model)
 
 
@@ -161,6 +170,7 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
     from tqdm import tqdm
 
     from pipeline.hf import config as hf_config
+    from pipeline.hf.files import has_tokenizer, special_token_ids
     from pipeline.hf.importer import check_inventory
 
     where = os.path.join(src_dir, ELASTIC_JSON)
@@ -170,6 +180,8 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
         cfg = sliced_hf_config(base, model, budget.subnet, cfg_dtype)
     except ValueError as e:
         raise UserError(f"{where}: budget {budget.name!r}: {e}") from None
+    if has_tokenizer(src_dir):  # the sliced model generates with the parent's tokenizer
+        cfg.update(special_token_ids(src_dir))
     from pipeline.quant.export import read_quant_dir
 
     if read_quant_dir(src_dir) is not None:  # FP8 / NVFP4 (docs/qad.md): packed weights and block scales by prefix

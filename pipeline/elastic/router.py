@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -59,10 +60,53 @@ def budget_vector(fraction: float, elastic: ElasticConfig) -> torch.Tensor:
     raise AssertionError("unreachable")
 
 
+_CONSTANTS: Dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(key: tuple, build: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor (choice sizes, prefix and keep tables) built once per device and dtype: a fresh
+    host-to-device copy from pageable memory in every micro-batch would synchronise the stream."""
+    k = (key, like.device, like.dtype)
+    if k not in _CONSTANTS:
+        _CONSTANTS[k] = build().to(device=like.device, dtype=like.dtype)
+    return _CONSTANTS[k]
+
+
 @dataclass
 class AxisChoice:
     sizes: List[int]  # the axis' choices, largest first (depth: layers kept)
     probs: torch.Tensor  # [n_choices], or [n_layers_of_type, n_choices] in heterogeneous mode
+    # host copies (numpy) of the detached probs and their argmax, for what must be a host number (a kernel's
+    # eps, which layers to skip, logs); filled in one transfer per step by ``fetch_to_host``, else on demand
+    host_probs: Optional[np.ndarray] = None
+    host_argmax: Optional[np.ndarray] = None
+
+    def sizes_tensor(self) -> torch.Tensor:
+        return device_constant(("sizes", tuple(self.sizes)), lambda: torch.tensor(self.sizes), self.probs)
+
+    def host(self):
+        """(probs, argmax) as numpy arrays; copies from the device (a sync) unless already fetched."""
+        if self.host_probs is None:
+            fetch_to_host([self])
+        return self.host_probs, self.host_argmax
+
+
+def fetch_to_host(axes: Sequence[AxisChoice]) -> None:
+    """Copy every axis' probabilities and argmax to the host in ONE device-to-host transfer (one sync)."""
+    axes = [a for a in axes if a.host_probs is None]
+    if not axes:
+        return
+    parts = []
+    for a in axes:
+        p = a.probs.detach().float()
+        parts += [p.reshape(-1), p.argmax(-1).float().reshape(-1)]
+    flat = torch.cat([x.to(parts[0].device) for x in parts]).cpu().double().numpy()
+    at = 0
+    for a in axes:
+        n, rows = a.probs.numel(), a.probs.numel() // a.probs.shape[-1]
+        a.host_probs = flat[at:at + n].reshape(tuple(a.probs.shape))
+        a.host_argmax = flat[at + n:at + n + rows].astype(np.int64).reshape(tuple(a.probs.shape[:-1]))
+        at += n + rows
 
 
 class Choice:
@@ -86,14 +130,16 @@ class Choice:
         p_max = p.gather(-1, top)
         return torch.zeros_like(p).scatter(-1, top, 1.0) * (p_max / p_max.detach())
 
+    def expected_sizes(self) -> Dict[str, torch.Tensor]:
+        """Each routed width axis' expected size sum_c p_c k_c: a scalar, or one per layer of the axis' kind in
+        heterogeneous mode (differentiable, on the router's device)."""
+        return {axis: a.probs @ a.sizes_tensor() for axis, a in self.axes.items() if axis != "depth"}
+
     def expected_subnet_dims(self, model_cfg: ModelConfig) -> Dims:
         """Dims with each routed width axis at its expected size sum_c p_c k_c (tensors, differentiable);
         per-layer expectations in ``Dims.per_layer`` in heterogeneous mode."""
         d = Dims.from_model(model_cfg)
-        for axis, a in self.axes.items():
-            if axis == "depth":
-                continue
-            expected = a.probs @ torch.tensor(a.sizes, dtype=a.probs.dtype, device=a.probs.device)
+        for axis, expected in self.expected_sizes().items():
             if expected.dim() == 0:
                 d = dataclasses.replace(d, **{axis: expected})
             else:
@@ -103,11 +149,18 @@ class Choice:
 
     def expected_keep(self, model_cfg: ModelConfig, removal_order: Sequence[int]) -> List:
         """Per layer, the probability that it is kept (1.0 without a depth axis)."""
+        keep = self.expected_keep_vector(model_cfg, removal_order)
+        return [1.0] * model_cfg.num_layers if keep is None else list(keep)
+
+    def expected_keep_vector(self, model_cfg: ModelConfig, removal_order: Sequence[int]) -> Optional[torch.Tensor]:
+        """[num_layers] probabilities that each layer is kept; None without a depth axis."""
         if "depth" not in self.axes:
-            return [1.0] * model_cfg.num_layers
+            return None
         a = self.axes["depth"]
-        kept = keep_table(model_cfg.num_layers, a.sizes, removal_order).to(a.probs)  # [choices, layers]
-        return list(a.probs @ kept)
+        return a.probs @ keep_table_on(model_cfg.num_layers, a.sizes, removal_order, a.probs)
+
+    def fetch_to_host(self) -> None:
+        fetch_to_host(list(self.axes.values()))
 
     def argmax_subnet(self, model_cfg: ModelConfig, removal_order: Sequence[int] = ()) -> Subnet:
         subnet = Subnet.full(model_cfg)
@@ -125,7 +178,7 @@ class Choice:
         """The argmax size per axis (a list over the axis' layers in heterogeneous mode), for logs."""
         out = {}
         for axis, a in self.axes.items():
-            idx = a.probs.detach().argmax(-1).tolist()
+            idx = a.host()[1].tolist()
             out[axis] = [a.sizes[i] for i in idx] if isinstance(idx, list) else a.sizes[idx]
         return out
 
@@ -147,6 +200,12 @@ def keep_table(num_layers: int, choices: Sequence[int], removal_order: Sequence[
     return table
 
 
+def keep_table_on(num_layers: int, choices: Sequence[int], removal_order: Sequence[int], like: torch.Tensor):
+    """``keep_table`` as a cached constant on ``like``'s device and dtype."""
+    key = ("keep", num_layers, tuple(choices), tuple(removal_order))
+    return device_constant(key, lambda: keep_table(num_layers, choices, removal_order), like)
+
+
 class ElasticRouter(nn.Module):
     def __init__(self, elastic: ElasticConfig, model_cfg: ModelConfig):
         super().__init__()
@@ -165,17 +224,16 @@ class ElasticRouter(nn.Module):
                 generator: Optional[torch.Generator] = None) -> Choice:
         """``budget``: an index into elastic.budgets, or a [n_budgets] vector (``budget_vector``)."""
         first = next(self.parameters())
-        if isinstance(budget, int):
-            x = torch.zeros(self.n_budgets)
+        if isinstance(budget, int):  # built on the device: no host-to-device copy
+            x = torch.zeros(self.n_budgets, device=first.device)
             x[budget] = 1.0
         else:
-            x = budget
-        x = x.to(device=first.device, dtype=torch.float32)
+            x = budget.to(device=first.device, dtype=torch.float32)
         axes = {}
         for axis, net in self.mlps.items():
             n = len(self.choices[axis])
             logits = (_mlp_fp32(net, x) * logit_scale).view(self.rows[axis], n)
-            if generator is not None:  # Gumbel(0, 1) noise, drawn on the generator's device
+            if generator is not None:  # Gumbel(0, 1) noise, drawn on the generator's device (the model's: no copy)
                 u = torch.rand(logits.shape, generator=generator, device=generator.device, dtype=torch.float64)
                 gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-12)))
                 logits = logits + gumbel.to(logits)

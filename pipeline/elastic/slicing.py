@@ -21,7 +21,7 @@ the parent's index). Heterogeneous subnets slice fine but have no single HF conf
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -40,12 +40,9 @@ def grouped_head_channels(num_heads: int, num_groups: int, keep: int, head_dim: 
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return t.index_select(0, index)
-
-
-def _cols(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return t.index_select(1, index)
+# A cut says, per dimension of a tensor, what a subnet keeps: None (everything), an int n (the prefix [:n]) or
+# a LongTensor of indices (the kept heads of every group: not a prefix when there are several groups).
+Cut = Tuple[Union[None, int, torch.Tensor], ...]
 
 
 def _mamba_in_proj_rows(m: ModelConfig, heads: int) -> torch.Tensor:
@@ -64,77 +61,99 @@ def _mamba_conv_rows(m: ModelConfig, heads: int) -> torch.Tensor:
     return torch.cat([ch, d_inner + torch.arange(2 * bc)])
 
 
-def _layer_tensor(i: int, rest: str, t: torch.Tensor, m: ModelConfig, s: Subnet) -> torch.Tensor:
+def _layer_cut(i: int, rest: str, m: ModelConfig, s: Subnet) -> Cut:
     kind, h = m.pattern[i], s.hidden
     size = lambda axis: s.size(axis, i)  # noqa: E731
     if rest == "norm.weight":
-        return t[:h]
+        return (h,)
     if kind == "M":
         heads = size("mamba_heads")
         if rest == "mixer.in_proj.weight":
-            return _rows(t, _mamba_in_proj_rows(m, heads))[:, :h]
-        if rest in ("mixer.conv1d.weight", "mixer.conv1d.bias"):
-            return _rows(t, _mamba_conv_rows(m, heads))
+            return (_mamba_in_proj_rows(m, heads), h)
+        if rest == "mixer.conv1d.weight":
+            return (_mamba_conv_rows(m, heads), None, None)
+        if rest == "mixer.conv1d.bias":
+            return (_mamba_conv_rows(m, heads),)
         if rest in ("mixer.A_log", "mixer.D", "mixer.dt_bias"):
-            return _rows(t, grouped_head_channels(m.mamba_num_heads, m.mamba_num_groups, heads, 1))
+            return (grouped_head_channels(m.mamba_num_heads, m.mamba_num_groups, heads, 1),)
         ch = grouped_head_channels(m.mamba_num_heads, m.mamba_num_groups, heads, m.mamba_head_dim)
         if rest == "mixer.norm.weight":
-            return _rows(t, ch)
+            return (ch,)
         if rest == "mixer.out_proj.weight":
-            return _cols(t[:h], ch)
+            return (h, ch)
     elif kind == "*":
         q = grouped_head_channels(m.num_attention_heads, m.num_query_groups, size("attention_heads"),
                                   m.attention_head_dim)
         if rest == "mixer.q_proj.weight":
-            return _rows(t, q)[:, :h]
+            return (q, h)
         if rest in ("mixer.k_proj.weight", "mixer.v_proj.weight"):
-            return t[:, :h]
+            return (None, h)
         if rest == "mixer.o_proj.weight":
-            return _cols(t[:h], q)
+            return (h, q)
     elif kind == "E":
         k, f, sf = size("experts"), size("moe_ffn"), size("shared_expert_ffn")
         if rest == "mixer.gate.weight":
-            return t[:k, :h]
+            return (k, h)
         if rest == "mixer.gate.e_score_correction_bias":
-            return t[:k]
+            return (k,)
         expert = _EXPERT.fullmatch(rest)
         if expert:
             if int(expert.group(1)) >= k:
                 raise ValueError(f"backbone.layers.{i}.{rest}: expert {expert.group(1)} is not kept "
                                  f"(the subnet keeps {k} experts)")
-            return t[:f, :h] if expert.group(2) == "up_proj" else t[:h, :f]
+            return (f, h) if expert.group(2) == "up_proj" else (h, f)
         if rest == "mixer.shared_experts.up_proj.weight":
-            return t[:sf, :h]
+            return (sf, h)
         if rest == "mixer.shared_experts.down_proj.weight":
-            return t[:h, :sf]
+            return (h, sf)
     elif kind == "-":
         f = size("ffn")
         if rest == "mixer.up_proj.weight":
-            return t[:f, :h]
+            return (f, h)
         if rest == "mixer.down_proj.weight":
-            return t[:h, :f]
+            return (h, f)
     raise ValueError(f"backbone.layers.{i}.{rest}: not a NemotronH tensor of a {kind!r} layer")
+
+
+def tensor_cut(name: str, model: ModelConfig, subnet: Subnet) -> Cut:
+    """What the subnet keeps of the parent's tensor ``name``, per dimension (see ``Cut``).
+
+    ValueError for a tensor the subnet drops (a skipped layer, an expert beyond k) or an unknown name."""
+    h = subnet.hidden
+    if name in ("backbone.embeddings.weight", "lm_head.weight"):
+        return (None, h)
+    if name == "backbone.norm_f.weight":
+        return (h,)
+    layer = _LAYER.fullmatch(name)
+    if not layer:
+        raise ValueError(f"{name}: not a NemotronH tensor name")
+    i = int(layer.group(1))
+    if not 0 <= i < model.num_layers:
+        raise ValueError(f"{name}: layer {i} is beyond the model's {model.num_layers} layers")
+    if i in subnet.skip_layers:
+        raise ValueError(f"{name}: layer {i} is skipped by the subnet")
+    return _layer_cut(i, layer.group(2), model, subnet)
+
+
+def apply_cut(tensor: torch.Tensor, cut: Cut) -> torch.Tensor:
+    """``tensor`` cut by ``cut``: prefixes are views (narrow), index sets are gathers (a new tensor)."""
+    if len(cut) != tensor.dim():
+        raise ValueError(f"a cut of {len(cut)} dims for a tensor of shape {tuple(tensor.shape)}")
+    out = tensor
+    for dim, keep in enumerate(cut):
+        if isinstance(keep, int):
+            out = out.narrow(dim, 0, keep)
+    for dim, keep in enumerate(cut):
+        if isinstance(keep, torch.Tensor):
+            out = out.index_select(dim, keep.to(out.device))
+    return out
 
 
 def slice_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, subnet: Subnet) -> torch.Tensor:
     """The subnet's part of the parent's tensor ``name`` (a new contiguous tensor, same dtype).
 
     ValueError for a tensor the subnet drops (a skipped layer, an expert beyond k) or an unknown name."""
-    h = subnet.hidden
-    if name in ("backbone.embeddings.weight", "lm_head.weight"):
-        out = tensor[:, :h]
-    elif name == "backbone.norm_f.weight":
-        out = tensor[:h]
-    else:
-        layer = _LAYER.fullmatch(name)
-        if not layer:
-            raise ValueError(f"{name}: not a NemotronH tensor name")
-        i = int(layer.group(1))
-        if not 0 <= i < model.num_layers:
-            raise ValueError(f"{name}: layer {i} is beyond the model's {model.num_layers} layers")
-        if i in subnet.skip_layers:
-            raise ValueError(f"{name}: layer {i} is skipped by the subnet")
-        out = _layer_tensor(i, layer.group(2), tensor, model, subnet)
+    out = apply_cut(tensor, tensor_cut(name, model, subnet))
     if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
         return out.clone(memory_format=torch.contiguous_format)  # a view: never alias the parent
     return out.contiguous()

@@ -12,7 +12,6 @@ prediction blocks: refused); symbols with no NemotronH block (G, D, +) are refus
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Dict, Optional
@@ -73,11 +72,12 @@ NO_NEMOTRON_H = {"G": "gated delta net", "D": "DeepSeek sparse attention", "+": 
 
 
 def read_hf_config(hf_dir: str) -> Dict[str, Any]:
+    from pipeline.hf.files import read_json
+
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path, "config.json")
     if cfg.get("model_type") != "nemotron_h":
         raise UserError(f"{path}: model_type = {cfg.get('model_type')!r}, expected 'nemotron_h'")
     return cfg

@@ -19,6 +19,7 @@ import torch
 from pipeline.config.schema import ModelConfig
 from pipeline.errors import UserError
 from pipeline.hf import config as hf_config
+from pipeline.hf.files import has_tokenizer, special_token_ids
 from pipeline.hf.mapping import Link, hf_shapes, links, mcore_shapes
 from pipeline.hf.safetensors_io import tensor_bytes, write_model_files
 
@@ -32,7 +33,11 @@ CARRIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
 def checkpoint_tensors(ckpt_dir: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    except Exception as e:  # a torn or foreign .metadata
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{ckpt_dir}: cannot read the checkpoint's tensor metadata ({first[:200]})") from None
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
 
 
@@ -130,6 +135,10 @@ def export_hf(model: ModelConfig, ckpt_dir: str, out_dir: str, dtype: Optional[t
         for name in link.hf:
             out_dtype[name] = dtype if dtype is not None and kept == main_dtype else kept
     order = [(n, out_dtype[n], shapes[n]) for link in model_links for n in link.hf]
+    config = hf_config.hf_config_from_model(model, base_config, hf_config.hf_dtype_name(dtype or main_dtype))
+    tok_dir = next((d for d in files_from if has_tokenizer(d)), None)
+    if tok_dir:  # the ids of the tokenizer shipped beside the weights, not transformers' NemotronH defaults
+        config.update(special_token_ids(tok_dir))
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -138,9 +147,8 @@ def export_hf(model: ModelConfig, ckpt_dir: str, out_dir: str, dtype: Optional[t
                desc=f"export {os.path.basename(out_dir.rstrip('/'))}", disable=not progress)
     try:
         write_model_files(tmp, order, _produce(model_links, reader, out_dtype), max_shard_bytes, bar)
-        main_name = hf_config.hf_dtype_name(dtype or main_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config.hf_config_from_model(model, base_config, main_name), f, indent=2, sort_keys=True)
+            json.dump(config, f, indent=2, sort_keys=True)
         _copy_files(files_from, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

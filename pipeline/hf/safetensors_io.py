@@ -47,13 +47,18 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
             header = json.loads(f.read(n))
         except ValueError:
             raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (the header is not a JSON object)")
     meta = header.pop("__metadata__", {}) or {}
     infos = {}
     for name, h in header.items():
-        if h["dtype"] not in DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
-        begin, end = h["data_offsets"]
-        infos[name] = TensorInfo(path, DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + begin, end - begin)
+        try:
+            if h["dtype"] not in DTYPES:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+            begin, end = h["data_offsets"]
+            infos[name] = TensorInfo(path, DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + begin, end - begin)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: malformed safetensors header entry for tensor {name}") from None
     return infos, meta
 
 
@@ -64,8 +69,12 @@ class SafetensorsDir:
         self.path = path
         index = os.path.join(path, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            from pipeline.hf.files import read_json
+
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: no weight_map object")
+            files = sorted(set(map(str, weight_map.values())))
         elif os.path.isfile(os.path.join(path, SINGLE)):
             files = [SINGLE]
         else:

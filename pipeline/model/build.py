@@ -46,6 +46,25 @@ def fp8_settings(fp8: str, te: bool) -> dict:
     return {"fp8": "hybrid", "fp8_recipe": FP8_RECIPES[fp8]}
 
 
+def _te_fused_permute() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.transformer.moe import moe_utils
+
+    return moe_utils.fused_permute is not None and moe_utils.fused_unpermute is not None
+
+
+def mamba_mem_eff_available() -> bool:
+    """megatron's memory-efficient Mamba path (``mamba_split_conv1d_scan_combined``: conv1d + SSD + gate in one
+    autograd function that recomputes instead of storing) needs a GPU, mamba-ssm and causal-conv1d's kernels;
+    megatron's mixer module records whether they imported."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.ssm import mamba_mixer
+
+    return mamba_mixer.causal_conv1d_fn is not None and mamba_mixer.mamba_split_conv1d_scan_combined is not None
+
+
 def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False,
                        use_te: Optional[bool] = None, fp8: str = "none") -> TransformerConfig:
     m, p = recipe.model, recipe.parallelism
@@ -74,7 +93,8 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         mamba_head_dim=m.mamba_head_dim,
         mamba_num_groups=m.mamba_num_groups,
         mamba_num_heads=m.mamba_num_heads,
-        use_mamba_mem_eff_path=False,  # fused path needs causal-conv1d; ours: conv1d -> SSD -> gated norm
+        # fused conv1d + SSD where its kernels exist (GPU); else conv1d -> SSD -> gated norm (te_kernels on CPU)
+        use_mamba_mem_eff_path=m.mamba_mem_eff_path and mamba_mem_eff_available(),
         # MoE (Nano v3: sigmoid scores, expert bias for selection, normalised top-k x scaling)
         num_moe_experts=m.num_experts if has_moe else None,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size if has_moe else None,
@@ -89,6 +109,8 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type=p.moe_token_dispatcher,
         moe_grouped_gemm=te and has_moe,
+        # TE's fused token permute / unpermute (fewer small kernels per MoE layer) where it imports
+        moe_permute_fusion=te and has_moe and _te_fused_permute(),
         # FP8 grouped GEMMs need every expert's token count padded to a multiple of 16
         moe_router_padding_for_quantization=bool(quant) and has_moe,
         # parallelism
@@ -98,22 +120,35 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         expert_tensor_parallel_size=p.etp,
         context_parallel_size=p.cp,
         sequence_parallel=p.tp > 1 and p.sequence_parallel,
-        recompute_granularity="full" if p.recompute == "full" else None,
-        recompute_method="uniform" if p.recompute == "full" else None,
-        recompute_num_layers=1 if p.recompute == "full" else None,
+        **recompute_settings(p),
         # precision
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
         **quant,
+        # megatron's fused vocab-parallel cross entropy (its 'native' form: TE's has known stability issues)
+        cross_entropy_loss_fusion=te and torch.cuda.is_available(),
+        cross_entropy_fusion_impl="native",
         # kernels that need apex / TE stay off without them
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
+        # megatron's local linears (the output layer) need apex for it; TE's get it in build_model
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=use_cpu_init,
     )
+
+
+def recompute_settings(p) -> dict:
+    """``parallelism.recompute`` -> megatron's recompute fields: full = every layer (uniform, 1 layer per
+    unit); selective = megatron's ``recompute_modules`` (ours, ``mamba``, is applied by model/recompute.py)."""
+    if p.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if p.recompute == "selective":
+        mods = [x for x in p.recompute_modules if x != "mamba"]
+        return {"recompute_granularity": "selective" if mods else None, "recompute_modules": mods}
+    return {}
 
 
 def pipeline_pattern(pattern: str, pp: int, pp_layers: List[int]) -> str:
@@ -157,16 +192,41 @@ def hybrid_model(recipe: Recipe, config: TransformerConfig, use_te: bool, pre_pr
 
 def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
                 use_te: Optional[bool] = None, spec_transform: Optional[SpecTransform] = None,
-                fp8: str = "none") -> HybridModel:
-    """This rank's model chunk. ``use_te`` None = ``model.backend``; ``fp8``: a ``training.fp8`` recipe name."""
+                fp8: str = "none", trainable: bool = False) -> HybridModel:
+    """This rank's model chunk. ``use_te`` None = ``model.backend``; ``fp8``: a ``training.fp8`` recipe name;
+    ``trainable``: it will be wrapped in megatron DDP and trained (see ``transformer_config``)."""
     use_te = recipe_uses_te(recipe.model) if use_te is None else use_te
     cpu = not torch.cuda.is_available()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    if recipe.parallelism.cp > 1 and "*" in recipe.model.pattern and not use_te:
+        raise UserError(f"parallelism.cp = {recipe.parallelism.cp} with attention layers needs Transformer Engine "
+                        f"(model.backend = {recipe.model.backend} resolved to megatron's local attention, which has "
+                        "no context parallelism)")
     config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8)
     model = hybrid_model(recipe, config, use_te, pre_process, post_process, spec_transform=spec_transform)
+    if recipe.parallelism.recompute == "selective" and "mamba" in recipe.parallelism.recompute_modules:
+        from pipeline.model.recompute import recompute_mamba_mixers
+
+        recompute_mamba_mixers(model)
     if not cpu:
         model.cuda()
+        if use_te and trainable:
+            fuse_te_wgrad_accumulation(model)
     return model
+
+
+def fuse_te_wgrad_accumulation(model: torch.nn.Module) -> int:
+    """Gradient-accumulation fusion for the TE modules: their weight-gradient GEMMs accumulate straight into
+    megatron DDP's fp32 ``main_grad`` (no bf16 grad tensor, no separate add). It is what
+    ``TransformerConfig.gradient_accumulation_fusion`` passes to TE, set per module here because the same flag
+    would also switch megatron's local output layer to apex's kernel (not installed). Returns the modules set."""
+    n = 0
+    for module in model.modules():
+        te_class = any(c.__module__.startswith("transformer_engine") for c in type(module).__mro__)
+        if te_class and hasattr(module, "fuse_wgrad_accumulation"):
+            module.fuse_wgrad_accumulation = True
+            n += 1
+    return n

@@ -70,11 +70,18 @@ def layer_params(kind: str, d: Dims, active: bool = False):
         qkv = h * (d.attention_heads + 2 * d.query_groups) * hd
         return h + qkv + d.attention_heads * hd * h
     if kind == "E":
-        routed = min(d.topk, d.experts) if active else d.experts
+        routed = _at_most(d.experts, d.topk) if active else d.experts
         return h + h * d.experts + routed * 2 * h * d.moe_ffn + 2 * h * d.shared_expert_ffn
     if kind == "-":
         return h + 2 * h * d.ffn
     raise ValueError(f"unknown layer symbol {kind!r}")
+
+
+def _at_most(x, cap):
+    """min(x, cap) elementwise, without reading a tensor on the host (no sync)."""
+    if not hasattr(x, "dim"):
+        return min(cap, x)
+    return x.where(x < cap, x.new_full(x.shape, float(cap)))
 
 
 @dataclass

@@ -31,12 +31,13 @@ from pipeline.elastic.masks import ElasticMasks
 from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router_slot import SLOT
 from pipeline.elastic.subnet import BUDGETS_FILE
+from pipeline.elastic.task import model_precision_output
 from pipeline.elastic.teacher import double_hidden_shapes, split_stage_input
 from pipeline.errors import UserError
 from pipeline.quant import calib
 from pipeline.quant.modules import FakeQuant, local_backend
 from pipeline.training import checkpoint
-from pipeline.training.task import Task, token_mean
+from pipeline.training.task import Task, check_document_mask, context_parallel_shard, mean_logs, token_mean
 
 
 def budgets_path(recipe) -> str:
@@ -54,9 +55,9 @@ def read_qad_budgets(recipe):
     return read_budgets(path, recipe.model)
 
 
-def build_quant_model(recipe, dtype: torch.dtype) -> torch.nn.Module:
+def build_quant_model(recipe, dtype: torch.dtype, trainable: bool = False) -> torch.nn.Module:
     """The elastic model with megatron's own linears (``local_backend``): what the fake-quant hooks reach."""
-    return build_elastic_model(local_backend(recipe), dtype)
+    return build_elastic_model(local_backend(recipe), dtype, trainable=trainable)
 
 
 def frozen_elastic(recipe, ckpt: str, bf16: bool) -> torch.nn.Module:
@@ -73,6 +74,7 @@ def frozen_elastic(recipe, ckpt: str, bf16: bool) -> torch.nn.Module:
 class QADTask(Task):
     name = "qad"
     init_missing_ok = (SLOT,)  # stage 2's router is not part of the quantised model
+    teacher_forward = True
 
     def __init__(self, recipe, stage: str = "qad", budgets=None):
         """``budgets``: the resolved budgets (default: read from ``qad.budgets_from``; benchmarks pass their own)."""
@@ -86,7 +88,8 @@ class QADTask(Task):
         self.iteration, self.micro = 0, 0
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_quant_model(self.recipe, dtype)
+        check_document_mask(local_backend(self.recipe), self.stage)
+        model = build_quant_model(self.recipe, dtype, trainable=True)
         for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
             router.frozen_expert_bias = True  # masked experts see no tokens: keep the routing of stage 2
         return model
@@ -135,26 +138,27 @@ class QADTask(Task):
         subnet = self.budgets[b].subnet
         self.masks.set_subnet(subnet)
         self.teacher_masks.set_subnet(subnet)
-        batch = next(data_iterator)
+        batch = context_parallel_shard(next(data_iterator))  # student and teacher see the same shard
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         split_stage_input(model, self.teacher)
+        mask = batch.get("attention_mask")
         with torch.no_grad():
-            t_out = self.teacher(batch["tokens"], batch["position_ids"], None)
-        s_out = model(batch["tokens"], batch["position_ids"], None)
+            t_out = self.teacher(batch["tokens"], batch["position_ids"], mask, **model_precision_output(self.teacher))
+        s_out = model(batch["tokens"], batch["position_ids"], mask, **model_precision_output(model))
         if not ps.is_pipeline_last_stage():
             return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1), None
         return s_out, partial(self._loss, t_out, batch["loss_mask"], b)
 
     def _loss(self, teacher_logits, loss_mask, b: int, student_logits):
         name = self.budgets[b].name
-        kd, value = token_mean(forward_kl(student_logits, teacher_logits, loss_mask,
-                                          self.recipe.elastic.kd_temperature), loss_mask)
+        per_token = forward_kl(student_logits, teacher_logits, loss_mask, self.recipe.elastic.kd_temperature,
+                               chunk_tokens=self.q.training.kd_chunk_tokens)
+        kd, value = token_mean(per_token, loss_mask)
         return kd, {"loss": value.detach(), f"kd/{name}": value.detach()}
 
     def reduce_logs(self, loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        keys = sorted({k for d in loss_dicts for k in d})
-        return {k: float(torch.stack([d[k].float().cpu() for d in loss_dicts if k in d]).mean()) for k in keys}
+        return mean_logs(loss_dicts)  # each key over the micro-batches that report it
 
     def log_extra(self, values: Dict[str, float]) -> str:
         return " | ".join(f"{b.name}: kd {values[f'kd/{b.name}']:.4f}" for b in self.budgets

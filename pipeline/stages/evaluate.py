@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 
+from pipeline.config.domain import nonempty_str
 from pipeline.errors import UserError
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--trained", choices=["stage1", "stage2"], default=None,
                         help="the elastic stage to score (default: stage2 if it has finished, else stage1)")
-    parser.add_argument("--parent", default="importance",
+    parser.add_argument("--parent", default="importance", type=nonempty_str,
                         help="the untrained reference: a stage name or checkpoint path (default: importance)")
 
 

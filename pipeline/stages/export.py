@@ -19,24 +19,24 @@ training. ``python -m pipeline slice`` cuts one budget out of it (docs/elastic_e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
+from pipeline.config.domain import nonempty_str, positive_float
 from pipeline.errors import UserError
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", metavar="DIR", default="",
+    parser.add_argument("--out", metavar="DIR", default=None, type=nonempty_str,
                         help="output directory (default: <root>/<name>/elastic for an elastic checkpoint, "
                              "<root>/<name>/hf otherwise)")
-    parser.add_argument("--checkpoint", metavar="STAGE_OR_PATH", default="",
+    parser.add_argument("--checkpoint", metavar="STAGE_OR_PATH", default=None, type=nonempty_str,
                         help="stage name or checkpoint path (default: stage2 > stage1 > pretrain, else the "
                              "run's newest stage checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size limit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quant", choices=("fp8", "nvfp4"), default=None,
                         help="a quantised elastic checkpoint (ModelOpt HF layout, docs/qad.md): fp8 = PTQ of stage 2, "
@@ -124,6 +124,7 @@ def main(recipe, args) -> None:
     from pipeline.elastic.elastic_dir import export_elastic
     from pipeline.elastic.storage import format_report
     from pipeline.hf.exporter import export_hf
+    from pipeline.hf.files import read_json
     from pipeline.hf.importer import HF_FILES
     from pipeline.hf.malloc import pin_mmap_threshold
 
@@ -132,8 +133,7 @@ def main(recipe, args) -> None:
     parent = os.path.join(recipe.run.root, recipe.run.name, "import", HF_FILES)
     base = None
     if os.path.isfile(os.path.join(parent, "config.json")):
-        with open(os.path.join(parent, "config.json")) as f:
-            base = json.load(f)
+        base = read_json(os.path.join(parent, "config.json"), "imported parent's config.json")
     single = dataclasses.replace(recipe.parallelism, tp=1, pp=1, ep=1, cp=1, pp_layers=[])
     parallel.initialize(dataclasses.replace(recipe, parallelism=single,
                                             run=dataclasses.replace(recipe.run, device="cpu")))

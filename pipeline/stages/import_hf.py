@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from pipeline.config.domain import nonempty_str
+
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--hf", required=True, metavar="DIR", help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--hf", required=True, metavar="DIR", type=nonempty_str,
+                        help="HF model directory (config.json + safetensors)")
     parser.add_argument("--derive-model", action="store_true",
                         help="take the model section from config.json instead of checking the recipe's against it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing import of this run")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from pipeline.config.domain import nonempty_str, positive_float, positive_int
 from pipeline.errors import UserError
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -24,18 +25,19 @@ DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", default="",
                         help="elastic checkpoint directory (default: <root>/<name>/elastic)")
-    parser.add_argument("--budget", metavar="NAME", default="", help="budget to cut out (a name in elastic.json)")
-    parser.add_argument("--out", metavar="DIR", default="", help="output directory")
+    parser.add_argument("--budget", metavar="NAME", default=None, type=nonempty_str,
+                        help="budget to cut out (a name in elastic.json)")
+    parser.add_argument("--out", metavar="DIR", default=None, type=nonempty_str, help="output directory")
     parser.add_argument("--format", choices=("hf", "megatron"), default="hf",
                         help="hf: HF NemotronH safetensors; megatron: a dist checkpoint for further training")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit (hf)")
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size limit (hf)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--storage-report", action="store_true",
                         help="print the storage of one elastic checkpoint vs separate models for the recipe's "
                              "budgets (no checkpoint needed) and exit")
-    parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight for --storage-report")
+    parser.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per weight for --storage-report")
     parser.add_argument("--quant", choices=("fp8", "nvfp4"), action="append", default=[],
                         help="--storage-report: also the FP8 / NVFP4 checkpoints (qad.exclude stays BF16; repeatable)")
 

@@ -11,10 +11,13 @@ are restored only at the same world size.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.queues
 import os
 import queue
 import re
 import shutil
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -43,7 +46,8 @@ def latest_iteration(root: str) -> Optional[int]:
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        text = f.read(64).decode("utf-8", errors="replace").strip()
     if not text.isdigit():
         raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}")
     return int(text)
@@ -52,6 +56,7 @@ def latest_iteration(root: str) -> Optional[int]:
 def resolve(path_or_root: str) -> str:
     """A checkpoint directory from either an ``iter_*`` dir or a ``checkpoints`` root (its latest)."""
     if os.path.isfile(os.path.join(path_or_root, "metadata.json")):
+        _check_dir(path_or_root)
         return path_or_root
     it = latest_iteration(path_or_root)
     if it is None:
@@ -59,13 +64,18 @@ def resolve(path_or_root: str) -> str:
     d = iter_dir(path_or_root, it)
     if not os.path.isdir(d):
         raise UserError(f"{os.path.join(path_or_root, LATEST)} names iteration {it} but {d} is missing")
+    _check_dir(d)
     return d
 
 
-def _thread_results_queue() -> None:
+def _thread_results_queue(async_save: bool = False) -> None:
     # Synchronous saves write from threads; megatron still creates a spawn-context Manager queue for them
-    # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need.
-    if filesystem_async._results_queue is None:
+    # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need. An async save
+    # writes from a forked process: a fork-context queue, created before the fork, reaches back to this one.
+    current = filesystem_async._results_queue
+    if async_save and not isinstance(current, multiprocessing.queues.Queue):
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    elif current is None:
         filesystem_async._results_queue = queue.Queue()
 
 
@@ -102,8 +112,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None, state=None,
-         keep_last: int = 0, async_save: bool = False) -> str:
-    _thread_results_queue()
+         keep_last: int = 0, async_queue=None) -> str:
+    """Write a checkpoint; the latest marker is written (and old checkpoints pruned) once it is complete.
+
+    ``async_queue``: a megatron ``AsyncCallsQueue`` — the tensors are staged to host memory now and written by a
+    forked process while training goes on; the marker is written by the request's finalisation
+    (``async_queue.maybe_finalize_async_calls``, which the caller runs on every rank), so a crash mid-write
+    leaves the previous checkpoint as the latest."""
+    _thread_results_queue(async_save=async_queue is not None)
     d = iter_dir(root, iteration)
     if dist.get_rank() == 0:
         if os.path.isdir(d):
@@ -117,7 +133,19 @@ def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration, world_size=dist.get_world_size())
     sd["rng"] = _rank_object("rng_state", rng_state())
-    dist_checkpointing.save(sd, d)
+    finish = partial(_mark_latest, root, iteration, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(sd, d)
+        finish()
+        return d
+    # megatron's own async writer (nvidia-resiliency-ext's "nvrx" is not a dependency)
+    request = dist_checkpointing.save(sd, d, async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(finish)
+    async_queue.schedule_async_request(request)
+    return d
+
+
+def _mark_latest(root: str, iteration: int, keep_last: int) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = os.path.join(root, LATEST + ".tmp")
@@ -126,7 +154,6 @@ def save(root: str, iteration: int, model_chunks, optimizer=None, scheduler=None
         os.replace(tmp, os.path.join(root, LATEST))
         _prune(root, keep_last)
     dist.barrier()
-    return d
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -149,14 +176,17 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
     if optimizer is not None:
         _init_adam_steps(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
-    common = dist_checkpointing.load_common_state_dict(ckpt)
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except Exception as e:  # a torn or foreign common.pt
+        raise UserError(f"{ckpt}: cannot read the checkpoint's common state ({_first_line(e)})") from None
     same_world = common.get("state", {}).get("world_size") == dist.get_world_size()
     if load_rng and same_world:
         sd["rng"] = _rank_object("rng_state", None)
     try:
         loaded, ckpt_only, model_only = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.RETURN_ALL)
     except Exception as e:  # a checkpoint of another model: name the tensor that does not fit
-        raise UserError(f"{ckpt}: cannot load into this model: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"{ckpt}: cannot load into this model: {_first_line(e)[:300]}") from None
     _check_accounted(ckpt, ckpt_only, model_only, missing_ok, model_only_load=optimizer is None)
     for i, m in enumerate(model_chunks):
         missing, unexpected = unwrap_model(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
@@ -164,7 +194,14 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except ValueError as e:  # megatron matches param groups by their lr / min_lr / weight-decay settings
+            if "parameter group" not in str(e):
+                raise
+            raise UserError(f"{ckpt}: its optimizer state was saved under other training.lr / min_lr / weight_decay "
+                            "values; resume with those, or start a new run from its weights with "
+                            f"training.init_from={ckpt}") from None
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:
@@ -213,5 +250,12 @@ def _init_adam_steps(optimizer) -> None:
 
 
 def _check_dir(ckpt: str) -> None:
+    from pipeline.hf.files import read_json
+
     if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
         raise UserError(f"{ckpt} is not a megatron dist checkpoint (metadata.json missing)")
+    read_json(os.path.join(ckpt, "metadata.json"), "checkpoint metadata")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -26,7 +26,8 @@ from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 from pipeline.model.spec import use_te as recipe_uses_te
 from pipeline.training import checkpoint, metrics
-from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
+from pipeline.training.finite import check_finite
+from pipeline.training.optim import build_optimizer, hook_model_config, sync_params, wrap_ddp
 from pipeline.training.task import Task
 
 
@@ -63,8 +64,9 @@ class Trainer:
             raise UserError(f"{self.stage}.training.global_batch_size = {t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {self.dp}")
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.task.num_microbatches = self.num_micro
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                          and self.dp_rank == 0)
+                          and self.dp_rank == 0 and parallel_state.get_context_parallel_rank() == 0)
         if dist.get_rank() == 0:
             os.makedirs(self.ckpt_root, exist_ok=True)
             with open(os.path.join(self.dir, "config.yaml"), "w") as f:
@@ -74,11 +76,16 @@ class Trainer:
         model = self.task.build_model(torch.bfloat16 if self.bf16 else torch.float32)
         if self.bf16:  # megatron's convention: every param bf16 (Mamba's A_log/D too), fp32 master weights
             model = Float16Module(model.config, model)
-        self.model = [wrap_ddp(self.recipe, model)]
+        self.model = [wrap_ddp(self.recipe, model, self.task.overlap_grad_reduce_ok())]
         self.optimizer, self.scheduler = build_optimizer(self.recipe, t, self.model, self.bf16,
                                                          self.task.optimizer_overrides())
         hook_model_config(self.model, self.optimizer)
         self.iteration, self.consumed = 0, 0
+        self.async_queue = None
+        if self.recipe.checkpointing.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
         latest = checkpoint.latest_iteration(self.ckpt_root)
         if latest is not None:
             state = checkpoint.load(checkpoint.iter_dir(self.ckpt_root, latest), self.model, self.optimizer,
@@ -115,12 +122,14 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.setup()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            self.setup()  # inside: a bad checkpoint found while setting up still shuts the process groups down
             self._train()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if self.async_queue is not None:
+                self.async_queue.close()
             parallel.shutdown()
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -128,8 +137,9 @@ class Trainer:
 
     def _train(self) -> None:
         t, ck = self.t, self.recipe.checkpointing
-        writer = metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard) if self.is_logger else None
-        fpt = metrics.flops_per_token(self.recipe.model, t.seq_length)
+        writer = (metrics.MetricsWriter(self.dir, self.recipe.logging.tensorboard, resume_step=self.iteration)
+                  if self.is_logger else None)
+        fpt = metrics.flops_per_token(self.recipe.model, t.seq_length, self.task.teacher_forward)
         peak = metrics.peak_tflops(self.recipe.logging.peak_tflops)
         timer, start_time, start_iter = metrics.StepTimer(), time.perf_counter(), self.iteration
         last_saved = self.iteration if checkpoint.latest_iteration(self.ckpt_root) == self.iteration else None
@@ -139,10 +149,20 @@ class Trainer:
             self.iteration += 1
             self.consumed += t.global_batch_size
             timer.tick()
+            if self.async_queue is not None:  # an async checkpoint that finished writing: mark it the latest
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                sync_params(self.model)
+                evaluated = self.task.evaluate(self.model)
+                if evaluated:
+                    values.update(evaluated)
+                    self.log("validation | " + " | ".join(f"{k} {v:.4f}" for k, v in evaluated.items()),
+                             logger_rank=True)
             if self.iteration % self.recipe.logging.log_interval == 0 or self.iteration == t.train_iters:
                 step_time = timer.take()
                 tokens = t.global_batch_size * t.seq_length / step_time / dist.get_world_size()
-                values.update(tokens_per_s_per_gpu=tokens, mem_gib=metrics.memory_gib())
+                values.update(tokens_per_s_per_gpu=tokens, tflops_per_gpu=tokens * fpt / 1e12,
+                              mem_gib=metrics.memory_gib())
                 if peak:
                     values["mfu"] = tokens * fpt / (peak * 1e12)
                 done = self.iteration - start_iter
@@ -153,6 +173,7 @@ class Trainer:
                 writer.write(self.iteration, values)
             if self._stop_requested():
                 self.save()
+                self.finish_saves()
                 self.log(f"preempted: saved iter {self.iteration}", logger_rank=True)
                 return
             if ck.save_interval and self.iteration % ck.save_interval == 0:
@@ -160,6 +181,8 @@ class Trainer:
                 last_saved = self.iteration
         if last_saved != self.iteration:
             self.save()
+        self.finish_saves()
+        sync_params(self.model)
         self.task.finish(self.dir)
         if self.is_logger:
             writer.close()
@@ -179,12 +202,12 @@ class Trainer:
             forward_only=False, **self.task.schedule_kwargs(),
         )
         ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise RuntimeError(f"optimizer step {self.iteration + 1} failed (non-finite gradients)")
-        self.scheduler.step(increment=1)
+        grad_norm = float(grad_norm) if ok and grad_norm is not None else (None if ok else float("nan"))
         values = self.task.reduce_logs(loss_dicts) if parallel_state.is_pipeline_last_stage() else {}
         values = self._average_over_dp(values)
-        values.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"])
+        check_finite(values, grad_norm, self.iteration + 1, self.stage, self.device)  # all ranks stop together
+        self.scheduler.step(increment=1)
+        values.update(grad_norm=0.0 if grad_norm is None else grad_norm, lr=self.optimizer.param_groups[0]["lr"])
         return values
 
     def _average_over_dp(self, values: dict) -> dict:
@@ -200,10 +223,23 @@ class Trainer:
         return bool(flag.item())
 
     def save(self) -> None:
+        """Write a checkpoint; with ``checkpointing.async_save`` the write runs in the background (megatron's
+        async dist-checkpoint save) and the step stalls only for staging the tensors. One save in flight: the
+        previous one is finalised first."""
+        start = time.perf_counter()
+        self.finish_saves()
+        sync_params(self.model)
         state = {"consumed_samples": self.consumed, "stage": self.stage, "task": self.task.state_dict()}
         checkpoint.save(self.ckpt_root, self.iteration, self.model, self.optimizer, self.scheduler, state,
-                        keep_last=self.recipe.checkpointing.keep_last)
-        self.log(f"saved checkpoint {checkpoint.iter_dir(self.ckpt_root, self.iteration)}", logger_rank=True)
+                        keep_last=self.recipe.checkpointing.keep_last, async_queue=self.async_queue)
+        how = "started async save of" if self.async_queue is not None else "saved"
+        self.log(f"{how} checkpoint {checkpoint.iter_dir(self.ckpt_root, self.iteration)} "
+                 f"(step stall {time.perf_counter() - start:.2f} s)", logger_rank=True)
+
+    def finish_saves(self) -> None:
+        """Wait for an async checkpoint still being written and mark it the latest (no-op for sync saves)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def log(self, msg: str, logger_rank: bool = False) -> None:
         if (self.is_logger if logger_rank else dist.get_rank() == 0):

@@ -5,7 +5,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 NVTE_FRAMEWORK=pytorch
+export PYTHONUNBUFFERED=1 NVTE_FRAMEWORK=pytorch NVIDIA_TF32_OVERRIDE=0  # fp32 exactness tests: no TF32 (conftest)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 limit=${LIMIT:-540}
 PYTHONPATH=/tmp/site:$PWD GPU_RESULTS=$out/local.jsonl timeout "$limit" python3 -m pytest -q -m gpu -s \

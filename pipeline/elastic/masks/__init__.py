@@ -19,6 +19,7 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron.core import parallel_state as ps
@@ -26,7 +27,7 @@ from megatron.core.utils import unwrap_model
 
 from pipeline.config.schema import ElasticAxes, ModelConfig
 from pipeline.elastic.masks.modules import InputMasked, SkippableLayer
-from pipeline.elastic.router import Choice, keep_table, kind_layers, removed_layers
+from pipeline.elastic.router import AxisChoice, Choice, device_constant, keep_table_on, kind_layers, removed_layers
 from pipeline.elastic.subnet import LAYER_AXES, Subnet
 
 Plan = Dict[str, Dict[int, Optional[torch.Tensor]]]  # axis -> layer (-1: model-wide) -> unit weights
@@ -43,6 +44,14 @@ def pre_norm(layer, sym: str):
         if hasattr(module, "set_hidden_mask"):
             return module
     raise ValueError(f"layer {layer.layer_number} ({sym}) has no elastic pre-norm: build it with build_elastic_model")
+
+
+def _host_weights(a: AxisChoice, hard: bool) -> np.ndarray:
+    """``Choice.weights`` on the host: the one-hot of the argmax (hard; its value is exactly 1) or the probs."""
+    probs, top = a.host()
+    if not hard:
+        return probs
+    return (np.arange(probs.shape[-1]) == np.expand_dims(top, -1)).astype(np.float64)
 
 
 def _mask_output(module, inputs, output):
@@ -90,7 +99,10 @@ class ElasticMasks:
         self._apply(plan, share, set(subnet.skip_layers), None, active)
 
     def set_choice(self, choice: Choice) -> None:
-        """Masks of the router's choice: hard (argmax, straight-through) or soft (mixture of prefixes)."""
+        """Masks of the router's choice: hard (argmax, straight-through) or soft (mixture of prefixes).
+
+        The masks are built on the device; the few host numbers (a fused kernel's eps, the skipped layers) come
+        from the choice's host copy (``Choice.fetch_to_host``: one transfer per step in the elastic task)."""
         plan: Plan = {}
         share: Dict[int, float] = {}
         active = float(self.m.hidden_size)
@@ -102,24 +114,32 @@ class ElasticMasks:
                 continue
             n, groups = self._units(axis)
             q = choice.weights(axis).to(self.device)
-            sizes = torch.tensor([k // groups for k in a.sizes], device=self.device)
-            unit = q @ (torch.arange(n, device=self.device)[None, :] < sizes[:, None]).to(q.dtype)
+            unit = q @ self._prefix_table(axis, a.sizes, n, groups, q)
             layers = [-1] if axis == "hidden" else kind_layers(self.m, axis)
             plan[axis] = {layer: unit if unit.dim() == 1 else unit[row] for row, layer in enumerate(layers)}
-            if axis == "mamba_heads":  # the kept share of each group, on the host (the kernel's eps is a number)
-                s = (q.detach().cpu().double() @ sizes.cpu().double()) / n
-                share = {layer: float(s if s.dim() == 0 else s[row]) for row, layer in enumerate(layers)}
-            if axis == "hidden":  # active channels, on the host (eps of a fused TE norm is a number)
-                active = float(q.detach().cpu().double() @ sizes.cpu().double())
+            if axis in ("mamba_heads", "hidden"):  # host numbers: kernels take eps as a number
+                kept = _host_weights(a, choice.hard) @ np.array([k // groups for k in a.sizes], dtype=np.float64)
+                if axis == "hidden":  # active channels
+                    active = float(kept)
+                else:  # the kept share of each Mamba group
+                    s = kept / n
+                    share = {layer: float(s if s.ndim == 0 else s[row]) for row, layer in enumerate(layers)}
         skip, layer_weights = set(), None
         if "depth" in choice.axes:
             a = choice.axes["depth"]
             q = choice.weights("depth").to(self.device)
-            layer_weights = q @ keep_table(self.m.num_layers, a.sizes, self.removal_order).to(q)
+            layer_weights = q @ keep_table_on(self.m.num_layers, a.sizes, self.removal_order, q)
             if choice.hard:
-                kept = a.sizes[int(a.probs.detach().argmax())]
+                kept = a.sizes[int(a.host()[1])]
                 skip = set(removed_layers(self.m.num_layers, kept, self.removal_order))
         self._apply(plan, share, skip, layer_weights, active)
+
+    @staticmethod
+    def _prefix_table(axis: str, sizes, n: int, groups: int, like: torch.Tensor) -> torch.Tensor:
+        """[n_choices, n units]: 1 where choice c keeps unit u (a prefix of k // groups units)."""
+        key = ("prefix", axis, tuple(sizes), n, groups)
+        build = lambda: (torch.arange(n)[None, :] < torch.tensor([k // groups for k in sizes])[:, None])  # noqa: E731
+        return device_constant(key, build, like)
 
     # ---- internals
     def _units(self, axis: str):
@@ -134,7 +154,10 @@ class ElasticMasks:
 
     def _heads(self, unit: Optional[torch.Tensor], groups: int, head_dim: int) -> Optional[torch.Tensor]:
         """Per-group head weights -> channel weights over all heads (group-major head order)."""
-        return None if unit is None else unit.repeat(groups).repeat_interleave(head_dim)
+        if unit is None:
+            return None
+        # expand + reshape rather than repeat_interleave, whose CUDA form may read its output size on the host
+        return unit.repeat(groups)[:, None].expand(-1, head_dim).reshape(-1)
 
     def _apply(self, plan: Plan, share: Dict[int, float], skip: set, layer_weights, active: float) -> None:
         m = self.m
@@ -142,16 +165,17 @@ class ElasticMasks:
         # shard groups from megatron's parallel state (TE nulls some modules' own tp_group)
         tp, etp = ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group()
         hidden = get("hidden", -1)
+        count = None if hidden is None else hidden.float().sum()  # once, not once per norm
         if self.embedding is not None:
             self.embedding.elastic_mask = hidden
         if self.final_norm is not None:
-            self.final_norm.set_hidden_mask(hidden, active)
+            self.final_norm.set_hidden_mask(hidden, active, count)
         for index, sym, layer in self.layers:
             layer.elastic_skip = index in skip
             delta = hidden
             if layer_weights is not None:
                 delta = layer_weights[index] if hidden is None else hidden * layer_weights[index]
-            self.pre_norms[index].set_hidden_mask(hidden, active)
+            self.pre_norms[index].set_hidden_mask(hidden, active, count)
             if sym == "M":
                 layer.mamba_bda.elastic_mask = delta
                 heads = self._heads(get("mamba_heads", index), m.mamba_num_groups, m.mamba_head_dim)

@@ -31,12 +31,13 @@ def local_shard(full: torch.Tensor, group) -> torch.Tensor:
     return full.view(size, -1)[get_pg_rank(group)] if size > 1 else full
 
 
-def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor) -> torch.Tensor:
+def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor,
+                    count: torch.Tensor = None) -> torch.Tensor:
     """RMSNorm of a residual stream that is zero where ``mask`` is: the mean square is taken over the active
     channels (sum / sum(mask)), so it equals the RMSNorm of the sliced k-channel vector. Equivalently
     rms_full(x; eps * k/d) * sqrt(d/k) (the form ``EpsScaledNorm`` uses for kernels that take eps as a number)."""
     xf = x.float()
-    count = mask.float().sum()
+    count = mask.float().sum() if count is None else count
     y = xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / count + eps)
     return (y * weight.float()).to(x.dtype)
 
@@ -46,14 +47,15 @@ class ElasticRMSNorm(RMSNorm):
     weights. The statistic is taken over the active channels exactly (the router's gradient included)."""
 
     elastic_mask = None
+    elastic_count = None  # sum(mask) as a tensor, computed once for every norm of the model (ElasticMasks)
 
-    def set_hidden_mask(self, mask, active: float = 0.0) -> None:
-        self.elastic_mask = mask
+    def set_hidden_mask(self, mask, active: float = 0.0, count=None) -> None:
+        self.elastic_mask, self.elastic_count = mask, count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.elastic_mask is None:
             return super().forward(x)
-        return masked_rms_norm(x, self.weight, self.eps, self.elastic_mask)
+        return masked_rms_norm(x, self.weight, self.eps, self.elastic_mask, self.elastic_count)
 
 
 class EpsScaledNorm:
@@ -66,9 +68,10 @@ class EpsScaledNorm:
 
     elastic_mask = None
     elastic_active = 0.0
+    elastic_count = None  # sum(mask) as a tensor, computed once for every norm of the model (ElasticMasks)
 
-    def set_hidden_mask(self, mask, active: float = 0.0) -> None:
-        self.elastic_mask, self.elastic_active = mask, float(active)
+    def set_hidden_mask(self, mask, active: float = 0.0, count=None) -> None:
+        self.elastic_mask, self.elastic_active, self.elastic_count = mask, float(active), count
 
     def forward(self, x, *args, **kwargs):
         mask = self.elastic_mask
@@ -81,7 +84,7 @@ class EpsScaledNorm:
             out = super().forward(x, *args, **kwargs)
         finally:
             self.eps = eps
-        scale = torch.sqrt(mask.float().sum() / d)
+        scale = torch.sqrt((mask.float().sum() if self.elastic_count is None else self.elastic_count) / d)
         if isinstance(out, tuple):  # megatron's linears return (output, bias)
             y, bias = out
             return y * scale.to(y.dtype), None if bias is None else bias * scale.to(bias.dtype)
@@ -219,19 +222,18 @@ class ElasticTopKRouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        keep = self.elastic_mask > 0
-        excluded = torch.tensor(-math.inf, device=logits.device)
+        drop = self.elastic_mask <= 0  # masked_fill with a number: no host-to-device copy of -inf
         if self.score_function == "softmax":
             if cfg.moe_router_pre_softmax:
-                scores = torch.softmax(logits.float().where(keep, excluded), dim=-1)
+                scores = torch.softmax(logits.float().masked_fill(drop, -math.inf), dim=-1)
                 probs, top = torch.topk(scores, self.topk, dim=1)
             else:
-                picked, top = torch.topk(logits.where(keep, excluded), self.topk, dim=1)
+                picked, top = torch.topk(logits.masked_fill(drop, -math.inf), self.topk, dim=1)
                 probs = torch.softmax(picked, dim=-1, dtype=torch.float32)
         else:
             scores = torch.sigmoid(logits.float())
             select = scores if self.expert_bias is None else scores + self.expert_bias.float()
-            _, top = torch.topk(select.where(keep, excluded), self.topk, dim=1)
+            _, top = torch.topk(select.masked_fill(drop, -math.inf), self.topk, dim=1)
             probs = torch.gather(scores, 1, top)
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20) if self.topk > 1 else probs
         if cfg.moe_router_topk_scaling_factor:

@@ -1,0 +1,157 @@
+"""The memory plan vs measured peak GPU memory: ``recipes/proxy_1b.yaml`` on one GPU.
+
+    python bench/bench_memory_plan.py [--recipe recipes/proxy_1b.yaml] [--out memory_plan.json]
+
+For pretrain and stage 1 (the elastic step: router, masks, frozen teacher, KD), with and without full
+recompute, at seq 4096 and at the longest sequence (of 8K, 16K, 32K, 64K) the plan says fits this GPU: one
+real Trainer step (megatron schedule, DDP, optimizer, so Adam's state exists) in a fresh process per case,
+micro-batch 1, bf16; measured = ``torch.cuda.max_memory_allocated()`` from before the model is built to after
+the step. Prints one row per case with measured / plan (target: within 10%), and the plan's terms of the
+case furthest off. Each case runs in its own process (~20-40 s each on an H100/H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+GIB = 1024 ** 3
+LONG = (8192, 16384, 32768, 65536)
+
+
+def overrides(stage: str, seq: int, recompute: str, root: str):
+    t = f"{stage}.training"
+    out = [f"run.root={root}", "logging.tensorboard=false", "checkpointing.save_interval=100000",
+           f"{t}.seq_length={seq}", f"{t}.micro_batch_size=1", f"{t}.global_batch_size=1",
+           f"{t}.train_iters=2", f"{t}.lr_warmup_iters=0", f"{t}.init_from=",
+           f"{stage}.parallelism.recompute={recompute}", "model.max_sequence_length=65536"]
+    if stage == "stage1":
+        out.append(f"stage1.teacher={os.path.join(root, 'teacher')}")
+    return out
+
+
+def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) -> dict:
+    """In this process: one step, the measured peak and the plan."""
+    from pipeline.cli import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from pipeline.config.load import for_stage, load_recipe
+    from pipeline.model.memory_plan import plan
+    from pipeline.model.spec import use_te
+    from pipeline.training.loop import Trainer
+    from pipeline.training.task import LMTask
+
+    r = for_stage(load_recipe(recipe_path, overrides(stage, seq, recompute, root)), stage)
+    gpu = torch.cuda.is_available()  # (without a GPU the case still runs: a smoke test, measured = 0)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    if stage == "stage1":
+        from pipeline.elastic.task import ElasticTask
+
+        task = ElasticTask(r, stage)
+    else:
+        task = LMTask(r, stage)
+    trainer = Trainer(r, stage, task)
+    trainer.setup()
+    trainer.step()
+    measured = torch.cuda.max_memory_allocated() if gpu else 0
+    mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0,
+              te=use_te(r.model))  # the backend this machine resolves auto to
+    return {"stage": stage, "seq": seq, "recompute": recompute, "measured": measured, "plan": mp.total,
+            "terms": [(n, b) for n, b, _ in mp.lines]}
+
+
+def make_teacher(recipe_path: str, root: str) -> None:
+    """The frozen parent stage 1 reads: this recipe's model, freshly initialised, saved as a checkpoint."""
+    import torch
+
+    from pipeline import parallel
+    from pipeline.config.load import load_recipe
+    from pipeline.model.build import build_model
+    from pipeline.training import checkpoint
+
+    r = load_recipe(recipe_path, [f"run.root={root}"])
+    parallel.initialize(r)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    checkpoint.save(os.path.join(root, "teacher"), 0, [build_model(r, dtype)])
+    parallel.shutdown()
+
+
+def longest_fitting(recipe_path: str, stage: str, recompute: str, root: str, gpu_gib: float) -> int:
+    from pipeline.config.load import for_stage, load_recipe
+    from pipeline.model.memory_plan import plan
+    from pipeline.model.spec import use_te
+
+    best = 4096
+    for seq in LONG:
+        r = for_stage(load_recipe(recipe_path, overrides(stage, seq, recompute, root)), stage)
+        if plan(r, stage, gpus=1, gpu_gib=gpu_gib, te=use_te(r.model)).fits:
+            best = seq
+    return best
+
+
+def child(args) -> None:
+    if args.case == "teacher":
+        make_teacher(args.recipe, args.root)
+        return
+    stage, seq, recompute = args.case.split(":")
+    print("RESULT " + json.dumps(one_case(args.recipe, stage, int(seq), recompute, args.root)), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=os.path.join(REPO, "recipes", "proxy_1b.yaml"))
+    ap.add_argument("--out", default="", help="also write the rows as JSON here")
+    ap.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: one case
+    ap.add_argument("--root", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        return child(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_memory_plan measures GPU memory: no CUDA device is visible")
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    root = tempfile.mkdtemp(prefix="memory_plan_")
+    run = lambda case: subprocess.run([sys.executable, __file__, "--recipe", args.recipe, "--root", root,  # noqa
+                                       "--case", case], cwd=REPO, capture_output=True, text=True)
+    proc = run("teacher")
+    if proc.returncode:
+        sys.exit(f"error: writing the teacher checkpoint failed:\n{proc.stderr[-3000:]}")
+    cases = []
+    for stage in ("pretrain", "stage1"):
+        for recompute in ("none", "full"):
+            cases += [(stage, 4096, recompute), (stage, longest_fitting(args.recipe, stage, recompute, root, gpu_gib),
+                                                 recompute)]
+    rows = []
+    print(f"{torch.cuda.get_device_name(0)}, {gpu_gib:.0f} GiB; {args.recipe}")
+    print(f"{'stage':<9}{'seq':>7} {'recompute':<10}{'plan GiB':>10}{'measured GiB':>14}{'measured/plan':>15}")
+    for stage, seq, recompute in dict.fromkeys(cases):
+        proc = run(f"{stage}:{seq}:{recompute}")
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{stage:<9}{seq:>7} {recompute:<10} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        row = json.loads(line[7:])
+        rows.append(row)
+        print(f"{stage:<9}{seq:>7} {recompute:<10}{row['plan'] / GIB:>10.2f}{row['measured'] / GIB:>14.2f}"
+              f"{row['measured'] / row['plan']:>15.3f}", flush=True)
+    if rows:
+        worst = max(rows, key=lambda r: abs(r["measured"] / r["plan"] - 1))
+        print(f"plan terms of the case furthest off ({worst['stage']} seq {worst['seq']} {worst['recompute']}): "
+              + ", ".join(f"{n} {b / GIB:.2f}" for n, b in worst["terms"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Pretrain, plain KD and elastic (stage 1) steps of one recipe side by side in one process: tokens/s, TFLOP/s,
+MFU and peak memory, per backend (megatron local / Transformer Engine) and precision (bf16 / FP8).
+
+    python bench/bench_throughput.py --recipe recipes/proxy_1b.yaml              # H200: every combination + seq 8192
+    python bench/bench_throughput.py --recipe recipes/tiny.yaml --steps 1 --memory-seq 0   # CPU smoke check
+    ... --save-stall /tmp/ckpt        # + the step stall of a checkpoint save, sync vs async
+
+Each step is a full training step as ``pipeline.training.loop.Trainer`` runs it: megatron DDP (overlap as in
+the recipe), the forward-backward schedule over ``--micro-batches`` micro-batches of the stage-1 shape, the
+megatron optimizer step. pretrain: the plain student, next-token loss. plain KD: the same student and a frozen
+teacher (same architecture), the chunked vocab-parallel KD loss. elastic: the elastic student (router, nested
+masks, hard choices, budget loss) with that teacher and loss: what stage 1 runs. Weights are random (the cost does
+not depend on them). FLOPs per token: ``pipeline.training.metrics.flops_per_token`` (docs/throughput.md). Peak
+memory is ``torch.cuda.max_memory_allocated`` over the timed steps, with the models of that step alone resident
+(the plain student is freed before the elastic one is built). ``--memory-seq``: the elastic vs plain KD peak
+memory at that sequence length (micro-batch size scaled to keep the tokens per micro-batch), first combination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import quiet_libraries  # noqa: E402
+
+quiet_libraries()
+
+import torch  # noqa: E402
+
+from pipeline import parallel  # noqa: E402
+from pipeline.config.load import load_recipe  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def default_combos() -> str:
+    if not te_available():
+        return "local:bf16" if torch.cuda.is_available() else "local:fp32"
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    return "local:bf16,te:bf16" + (",te:fp8" if fp8 else "")
+
+
+class Bench:
+    def __init__(self, args, recipe, device):
+        self.args, self.recipe, self.device = args, recipe, device
+        self.t = recipe.stage1.training
+        self.cuda = device.type == "cuda"
+        self.warmup = args.warmup
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def trained(self, task, bf16: bool):
+        """(DDP-wrapped model, optimizer) as the Trainer builds them."""
+        from megatron.core.transformer.module import Float16Module
+
+        from pipeline.training.optim import build_optimizer, hook_model_config, wrap_ddp
+
+        model = task.build_model(torch.bfloat16 if bf16 else torch.float32)
+        if bf16:
+            model = Float16Module(model.config, model)
+        ddp = wrap_ddp(self.recipe, model, task.overlap_grad_reduce_ok())
+        opt, _ = build_optimizer(self.recipe, self.t, [ddp], bf16, task.optimizer_overrides())
+        hook_model_config([ddp], opt)
+        task.num_microbatches = self.args.micro_batches
+        return ddp, opt
+
+    def teacher(self, bf16: bool):
+        from megatron.core.transformer.module import Float16Module
+
+        from pipeline.model.build import build_model
+
+        model = build_model(self.recipe, torch.bfloat16 if bf16 else torch.float32, fp8=self.t.fp8)
+        model.requires_grad_(False).eval()
+        return Float16Module(model.config, model) if bf16 else model
+
+    def batches(self, mbs: int, seq: int):
+        from pipeline.training.synthetic import synthetic_batches
+
+        stream = synthetic_batches(self.recipe.model.vocab_size, seq, self.recipe.run.seed, 0, mbs, 0, 1)
+        return [next(stream) for _ in range(self.args.micro_batches)]
+
+    def measure(self, ddp, opt, task, batches, seq: int, mbs: int):
+        """(median seconds per step, peak GiB) over --steps steps after --warmup."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(i):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            task.begin_step(i)
+            get_forward_backward_func()(forward_step_func=task.forward_step, data_iterator=iter(batches),
+                                        model=[ddp], num_microbatches=len(batches), seq_length=seq,
+                                        micro_batch_size=mbs, forward_only=False, **task.schedule_kwargs())
+            opt.step()
+
+        for i in range(self.warmup):
+            step(i)
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(self.args.steps):
+            start = time.perf_counter()
+            step(self.warmup + i)
+            self.sync()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        return statistics.median(times), peak
+
+
+def kd_task(base, teacher, chunk: int, temperature: float):
+    """A plain KD task: the student's logits against the frozen teacher's, same loss as the elastic stages."""
+    from pipeline.elastic.kd import forward_kl
+    from pipeline.elastic.task import model_precision_output
+    from pipeline.training.task import token_mean
+
+    class KDTask(type(base)):
+        teacher_forward = True
+
+        def forward_step(self, data_iterator, model):
+            batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
+            with torch.no_grad():
+                t_out = teacher(batch["tokens"], batch["position_ids"], None, **model_precision_output(teacher))
+            s_out = model(batch["tokens"], batch["position_ids"], None, **model_precision_output(model))
+
+            def loss(mask, out):
+                value, logged = token_mean(forward_kl(out, t_out, mask, temperature, chunk_tokens=chunk), mask)
+                return value, {"loss": logged}
+
+            return s_out, partial(loss, batch["loss_mask"])
+
+    task = KDTask(base.recipe, base.stage)
+    task.device = base.device
+    return task
+
+
+def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int):
+    from pipeline.elastic.task import ElasticTask
+    from pipeline.training import metrics
+    from pipeline.training.task import LMTask
+
+    # precision: bf16 | fp32 | fp8 (= TE's delayed scaling) | delayed | current | blockwise (training.fp8 recipes)
+    fp8 = {"bf16": "none", "fp32": "none", "fp8": "delayed"}.get(precision, precision)
+    recipe = load_recipe(args.recipe, overrides + [
+        f"model.backend={backend}", f"stage1.training.fp8={fp8}", f"stage1.training.seq_length={seq}",
+        f"stage1.training.micro_batch_size={mbs}"])
+    device = parallel.initialize(recipe)
+    bench = Bench(args, recipe, device)
+    bench.warmup = warmup
+    bf16 = precision != "fp32"
+    batches = bench.batches(mbs, seq)
+    tokens = len(batches) * mbs * seq
+    peak_tflops = metrics.peak_tflops(recipe.logging.peak_tflops)
+    e = recipe.elastic
+    chunk = recipe.stage1.training.kd_chunk_tokens
+
+    def record(kind, seconds, mem, teacher):
+        fpt = metrics.flops_per_token(recipe.model, seq, teacher_forward=teacher)
+        tps = tokens / seconds
+        rows.append({"backend": backend, "precision": precision, "seq": seq, "step": kind, "seconds": seconds,
+                     "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
+                     "mfu": tps * fpt / (peak_tflops * 1e12) if peak_tflops else float("nan"), "peak_gib": mem})
+        r = rows[-1]
+        print(f"  {backend:5s} {precision:4s} seq {seq:5d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
+              f"{r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak {mem:7.2f} GiB", flush=True)
+
+    lm = LMTask(recipe, "stage1")
+    lm.device = device
+    teacher = None
+    if "pretrain" in kinds or "kd" in kinds:
+        ddp, opt = bench.trained(lm, bf16)
+        if "pretrain" in kinds:
+            record("pretrain", *bench.measure(ddp, opt, lm, batches, seq, mbs), teacher=False)
+            if args.save_stall:
+                save_stall(args.save_stall, ddp, opt, bench.sync)
+                args.save_stall = ""  # once, for the first combination
+        teacher = bench.teacher(bf16)
+        if "kd" in kinds:
+            kd = kd_task(lm, teacher, chunk, e.kd_temperature)
+            record("kd", *bench.measure(ddp, opt, kd, batches, seq, mbs), teacher=True)
+        del ddp, opt
+        gc.collect()  # the plain student's weights, grads and optimizer state leave before the elastic one comes
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "elastic" in kinds:
+        teacher = teacher if teacher is not None else bench.teacher(bf16)
+        task = ElasticTask(recipe, "stage1")
+        ddp, opt = bench.trained(task, bf16)
+        task.attach([ddp], teacher, device)
+        record("elastic", *bench.measure(ddp, opt, task, batches, seq, mbs), teacher=True)
+        del ddp, opt, task
+    del teacher
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    parallel.shutdown()
+
+
+def save_stall(where: str, ddp, opt, sync) -> None:
+    """How long a checkpoint save (model + optimizer, as the Trainer saves) stalls training, synchronous vs
+    ``checkpointing.async_save`` (megatron's async dist-checkpoint save), and when the async write finished."""
+    import shutil
+    import tempfile
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    from pipeline.training import checkpoint
+
+    for mode in ("sync", "async"):
+        root = tempfile.mkdtemp(prefix=f"save_{mode}_", dir=where)
+        queue = AsyncCallsQueue() if mode == "async" else None
+        sync()
+        start = time.perf_counter()
+        checkpoint.save(root, 1, [ddp], opt, None, {}, async_queue=queue)
+        sync()
+        stall = time.perf_counter() - start
+        done = ""
+        if queue is not None:
+            queue.maybe_finalize_async_calls(blocking=True)
+            queue.close()
+            done = f", written and finalised after {time.perf_counter() - start:.2f} s"
+        print(f"  checkpoint save ({mode}): step stall {stall:.2f} s{done}", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ratio(rows, combo, num: str, den: str, key: str = "seconds"):
+    a = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == num]
+    b = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == den]
+    return a[0][key] / b[0][key] if a and b else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "proxy_1b.yaml"))
+    ap.add_argument("--combos", default="", help="backend:precision,... (default: what this machine runs: "
+                    "local:bf16,te:bf16,te:fp8 on a Hopper GPU with TE; local:fp32 on CPU)")
+    ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (the recipe's 8 x 4096 "
+                    "tokens per step at micro-batch size 4 on one GPU)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, Triton autotuning)")
+    ap.add_argument("--memory-seq", type=int, default=8192, help="elastic vs plain KD peak memory at this "
+                    "sequence length (0: skip)")
+    ap.add_argument("--save-stall", default="", metavar="DIR", help="also time a checkpoint save of the pretrain "
+                    "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination)")
+    ap.add_argument("--json", default="", help="also write every measured row to this file")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = ap.parse_args()
+    try:
+        base = load_recipe(args.recipe, args.overrides)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    combos = [c.split(":") for c in (args.combos or default_combos()).split(",")]
+    t = base.stage1.training
+    seq, mbs = t.seq_length, t.micro_batch_size
+    print(f"{os.path.basename(args.recipe)} | {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
+          f" | {args.micro_batches} micro-batches x {mbs} x {seq} tokens per step | median of {args.steps} steps "
+          f"after {args.warmup}", flush=True)
+    rows = []
+    start = time.perf_counter()
+    for i, (backend, precision) in enumerate(combos):  # Triton autotunes once: later combinations warm up less
+        run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows,
+                  args.warmup if i == 0 else min(args.warmup, 1))
+    if args.memory_seq:
+        backend, precision = combos[-1] if combos[-1][1] != "fp8" else combos[min(1, len(combos) - 1)]
+        long_mbs = max(1, mbs * seq // args.memory_seq)
+        run_combo(args, args.overrides, backend, precision, args.memory_seq, long_mbs, ("kd", "elastic"), rows,
+                  min(args.warmup, 1))
+    print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
+    print("| backend | precision | seq | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | MFU | KD / pretrain "
+          "step | elastic / KD step | peak GiB pretrain / KD / elastic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for combo in dict.fromkeys((r["backend"], r["precision"], r["seq"]) for r in rows):
+        by = {r["step"]: r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo}
+        cell = lambda k, f: (f.format(by[k]["tokens_per_s"]) if f.startswith("{:,") else f.format(by[k]["mfu"])) \
+            if k in by else "-"  # noqa: E731
+        peaks = " / ".join(f"{by[k]['peak_gib']:.1f}" if k in by else "-" for k in ("pretrain", "kd", "elastic"))
+        print(f"| {combo[0]} | {combo[1]} | {combo[2]} | {cell('pretrain', '{:,.0f}')} | {cell('pretrain', '{:.1%}')} "
+              f"| {cell('kd', '{:,.0f}')} | {cell('kd', '{:.1%}')} | {cell('elastic', '{:,.0f}')} "
+              f"| {cell('elastic', '{:.1%}')} | {ratio(rows, combo, 'kd', 'pretrain'):.3f} "
+              f"| {ratio(rows, combo, 'elastic', 'kd'):.3f} | {peaks} |")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"recipe": args.recipe, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else "cpu", "micro_batches": args.micro_batches, "rows": rows}, f, indent=1)
+    for combo in dict.fromkeys((r["backend"], r["precision"], r["seq"]) for r in rows):
+        mem = ratio(rows, combo, "elastic", "kd", "peak_gib")
+        if mem == mem:  # not nan
+            print(f"peak memory elastic / plain KD at seq {combo[2]} ({combo[0]} {combo[1]}): {mem:.3f}")
+
+
+if __name__ == "__main__":
+    main()

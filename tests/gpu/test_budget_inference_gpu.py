@@ -1,0 +1,107 @@
+"""GPU: budget views on CUDA (exact vs sliced models, no added memory), throughput per budget, budget-eval.
+
+- tiny recipe, random-init elastic checkpoint, bf16 on the GPU: each budget's view model gives the logits of
+  its sliced model (the same kernels on the same values; strided vs contiguous weights may pick other GEMM
+  tilings, so bf16 rounding is allowed) and building every budget's view leaves the CUDA allocator's
+  parameter bytes unchanged (only the gather index vectors are new);
+- proxy_1b recipe, random-init elastic checkpoint, bf16: prefill and decode tokens/s of every budget, views
+  and sliced engines (bench/bench_budget_inference.py's measurement), recorded; the smallest sliced budget
+  prefills faster than the full model;
+- budget-eval through the CLI on the proxy checkpoint: JSON and PNG written, the table recorded.
+Run: ``python -m pytest -q -m gpu -s tests/gpu/test_budget_inference_gpu.py`` (tests/gpu/RESULTS.md).
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from conftest import ROOT, TINY, run_cli  # noqa: E402
+
+PROXY = os.path.join(ROOT, "recipes", "proxy_1b.yaml")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def test_views_on_gpu_equal_sliced_and_add_no_memory(tmp_path, record):
+    from transformers import NemotronHForCausalLM
+
+    from pipeline.config import load_recipe
+    from pipeline.elastic.elastic_dir import slice_to_hf
+    from pipeline.inference.family import Family
+    from pipeline.inference.random_checkpoint import make_random_checkpoint
+    from pipeline.inference.views import parameter_bytes
+
+    ckpt = make_random_checkpoint(load_recipe(TINY), str(tmp_path / "elastic"), torch.bfloat16)
+    family = Family.load(ckpt, "cuda", "bf16")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    views = {n: family.model(n) for n in family.names}
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert parameter_bytes([family.full, *views.values()]) == parameter_bytes([family.full])
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    for n, view in views.items():
+        out = slice_to_hf(ckpt, str(tmp_path / n), family.model_cfg, family.budget(n), progress=False)
+        sliced = NemotronHForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda().eval()
+        with torch.no_grad():
+            a, b = view(tokens).logits.float(), sliced(tokens).logits.float()
+        d = (a - b).abs().max().item()
+        record(f"{n}: max |views - sliced| bf16 logits", {"max_abs": d, "equal": bool(torch.equal(a, b)),
+                                                          "logit_scale": a.abs().max().item()})
+        assert d <= 0.05 * max(1.0, a.abs().max().item())
+    record("CUDA bytes allocated by building every budget's view (index vectors only)", grown)
+    assert grown < 0.01 * parameter_bytes([family.full])
+
+
+@pytest.fixture(scope="module")
+def proxy_ckpt(tmp_path_factory):
+    from pipeline.config import load_recipe
+    from pipeline.inference.random_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint(load_recipe(PROXY), str(tmp_path_factory.mktemp("proxy") / "elastic"),
+                                  torch.bfloat16)
+
+
+def test_proxy_throughput_per_budget(proxy_ckpt, record):
+    from bench_budget_inference import measure
+    from pipeline.inference.family import Family
+
+    family = Family.load(proxy_ckpt, "cuda", "bf16")
+    vocab, rows = family.model_cfg.vocab_size, {}
+    for engine in ("views", "sliced"):
+        fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg, family.tokenizer,
+                     engine)
+        for n in family.names:
+            rows[(engine, n)] = measure(fam.model(n), 8, 1024, 64, 3, vocab)
+        del fam
+        torch.cuda.empty_cache()
+    full = family.largest()
+    for (engine, n), r in rows.items():
+        base = rows[(engine, full)]
+        record(f"{engine} {n} (active {family.active_params(n)}) batch 8 prompt 1024 decode 64", {
+            "prefill_tok_s": round(r["prefill_tok_s"]), "decode_tok_s": round(r["decode_tok_s"]),
+            "prefill_x_full": round(r["prefill_tok_s"] / base["prefill_tok_s"], 3),
+            "decode_x_full": round(r["decode_tok_s"] / base["decode_tok_s"], 3)})
+    small = family.smallest()
+    assert rows[("sliced", small)]["prefill_tok_s"] > rows[("sliced", full)]["prefill_tok_s"]
+
+
+def test_proxy_budget_eval_cli(proxy_ckpt, tmp_path, record):
+    out = str(tmp_path / "be")
+    p = run_cli("budget-eval", "--recipe", PROXY, f"budget_eval.checkpoint={proxy_ckpt}", f"budget_eval.out={out}",
+                timeout=580)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(out, "budget_eval.json")) as f:
+        table = json.load(f)
+    print(p.stdout)
+    for r in table["rows"]:
+        record(f"budget-eval {r['label']}", {k: r[k] for k in ("accuracy", "think_tokens", "answer_tokens",
+                                                                 "seconds_per_problem", "tokens_per_s", "pareto")})
+    assert os.path.getsize(os.path.join(out, "pareto.png")) > 1000

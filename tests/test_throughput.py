@@ -1,0 +1,17 @@
+"""Throughput plumbing on CPU: the MFU's FLOP count (teacher forward included) against a hand count."""
+
+from conftest import TINY
+from pipeline.config import load_recipe
+from pipeline.model.params import count_model
+from pipeline.training.metrics import flops_per_token
+
+
+def test_flops_per_token_counts_the_teachers_forward():
+    m = load_recipe(TINY).model  # pattern MEM*EM*E, 2 attention layers of 4 heads x 32
+    seq = 256
+    matmul = count_model(m).active - m.vocab_size * m.hidden_size  # the input embedding is a lookup
+    attn_fwd = 2 * 2 * seq * 4 * 32  # QK^T and AV, causal half: 2 x seq x width per layer, 2 layers
+    student = 6 * matmul + 3 * attn_fwd  # forward + backward (2x the forward)
+    teacher = 2 * matmul + attn_fwd  # forward only
+    assert flops_per_token(m, seq) == student
+    assert flops_per_token(m, seq, teacher_forward=True) == student + teacher
