@@ -74,6 +74,7 @@ def main() -> None:
     teacher = wrap(build_model(recipe, dtype)).requires_grad_(False).eval()
     task.teacher, task.student = teacher, elastic
     task.masks = ElasticMasks(elastic, recipe.model, recipe.elastic.axes, task.order)
+    task.recompute = False  # what ElasticTask.attach sets without activation recompute (the bench runs none)
     task.num_microbatches = args.micro_batches  # choices drawn at begin_step, as the Trainer runs it
     batches = list(zip(range(args.micro_batches), synthetic_batches(recipe.model.vocab_size, t.seq_length,
                                                                     recipe.run.seed, 0, t.micro_batch_size, 0, 1)))
