@@ -46,14 +46,18 @@ test-gpu:         ## GPU tests (on a machine with CUDA + mamba-ssm)
 params:
 	$(PY) -m pipeline params --recipe $(RECIPE) $(ARGS)
 
-demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -> pretrain -> importance -> stage1 -> stage2 -> export -> slice -> evaluate -> budget-eval
+demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -> pretrain -> importance -> stage1 -> stage2 -> qad -> export (bf16, fp8, nvfp4) -> slice -> evaluate -> budget-eval
 	$(PY) -m pipeline data --recipe $(RECIPE) $(ARGS)
 	$(PY) -m pipeline pretrain --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline importance --recipe $(RECIPE) importance.data=blend $(ARGS)
 	$(PY) -m pipeline stage1 --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline stage2 --recipe $(RECIPE) training.data=blend $(ARGS)
+	$(PY) -m pipeline qad --recipe $(RECIPE) training.data=blend qad.calibration_data=blend $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --overwrite $(ARGS)
 	$(PY) -m pipeline slice --recipe $(RECIPE) --budget small --out runs/tiny/small --overwrite $(ARGS)
+	$(PY) -m pipeline export --recipe $(RECIPE) --quant fp8 --overwrite $(ARGS)
+	$(PY) -m pipeline export --recipe $(RECIPE) --quant nvfp4 --overwrite $(ARGS)
+	$(PY) -m pipeline slice --recipe $(RECIPE) --checkpoint runs/tiny/elastic-nvfp4 --budget small --out runs/tiny/small-nvfp4 --overwrite $(ARGS)
 	$(PY) -m pipeline evaluate --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline budget-eval --recipe $(RECIPE) $(ARGS)
 

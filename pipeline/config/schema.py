@@ -300,6 +300,31 @@ class BudgetEvalConfig:
     out: str = ""  # output directory; "" = <root>/<name>/budget_eval
 
 
+# What stays BF16 by default (HF module-name patterns): the released Nano-3 NVFP4 model's choice -- router,
+# LM head, conv1d and the attention projections (and, by qad.keep_mamba_before_attention, the Mamba projections
+# of the layers feeding attention)
+DEFAULT_QUANT_EXCLUDE = ["lm_head", "*.mixer.gate", "*.mixer.conv1d", "*.mixer.q_proj", "*.mixer.k_proj",
+                         "*.mixer.v_proj", "*.mixer.o_proj"]
+
+
+@dataclass
+class QadConfig(TrainStageConfig):
+    """Nested quantisation after stage 2 (docs/qad.md): calibration over every budget's subnet (one set of
+    scales for all nested models), FP8 PTQ, NVFP4 quantisation-aware distillation at the stage-2 subnets."""
+
+    format: str = value("nvfp4", one_of=("nvfp4", "fp8"))  # the QAD student's format (fp8 is PTQ only, same calibration)
+    teacher: str = value("stage2", nonempty=True)  # KD teacher: the BF16 elastic model (stage name or checkpoint path)
+    budgets_from: str = value("stage2", nonempty=True)  # the stage whose elastic_budgets.json fixes every subnet
+    budget_weights: List[float] = value(factory=list, ge=0)  # sampling probability per budget; [] = stage2's
+    exclude: List[str] = value(factory=lambda: list(DEFAULT_QUANT_EXCLUDE))  # HF module names kept BF16 (fnmatch)
+    keep_mamba_before_attention: bool = True  # the Mamba in_proj / out_proj of the layer before each attention stay BF16
+    activations: bool = True  # also fake-quantise linear inputs (static per-tensor amax from calibration)
+    calibration_data: str = value("blend", one_of=("blend", "synthetic"))  # the data stage's calibration subset | synthetic
+    calibration_samples: int = value(16, ge=1)  # sequences, each run once per budget
+    calibration_seq_length: int = value(0, ge=0)  # 0 = qad.training.seq_length
+    kv_cache: str = value("none", one_of=("none", "fp8"))  # the KV-cache dtype the export declares (kv_cache_quant_algo)
+
+
 @dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
@@ -314,9 +339,10 @@ class Recipe:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     stage1: ElasticStageConfig = field(default_factory=ElasticStageConfig)
     stage2: ElasticStageConfig = field(default_factory=ElasticStageConfig)
+    qad: QadConfig = field(default_factory=QadConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     budget_eval: BudgetEvalConfig = field(default_factory=BudgetEvalConfig)
 
 
 # Sections whose ``training`` block is resolved over the top-level ``training`` section.
-TRAIN_STAGES = ("pretrain", "stage1", "stage2")
+TRAIN_STAGES = ("pretrain", "stage1", "stage2", "qad")

@@ -117,6 +117,9 @@ def validate(recipe: Recipe, source: str = "<recipe>", stage_layouts: bool = Tru
     _validate_elastic(recipe, fail)
     _validate_importance(recipe, fail)
     _validate_slurm(recipe, fail)
+    from pipeline.quant.spec import validate_qad
+
+    validate_qad(recipe, fail)
 
 
 def _validate_relations(recipe: Recipe, fail) -> None:

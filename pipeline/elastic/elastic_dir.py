@@ -182,6 +182,12 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
         raise UserError(f"{where}: budget {budget.name!r}: {e}") from None
     if has_tokenizer(src_dir):  # the sliced model generates with the parent's tokenizer
         cfg.update(special_token_ids(src_dir))
+    from pipeline.quant.export import read_quant_dir
+
+    if read_quant_dir(src_dir) is not None:  # FP8 / NVFP4 (docs/qad.md): packed weights and block scales by prefix
+        if dtype is not None:
+            raise UserError(f"{src_dir} is quantised: --dtype does not apply")
+        return _slice_quantized(src_dir, out_dir, model, budget, cfg, max_shard_bytes, overwrite, progress)
     files = SafetensorsDir(src_dir)
     check_inventory(files, hf_shapes(model), src_dir)
     small = budget.subnet.model_config(model)
@@ -203,6 +209,27 @@ def slice_to_hf(src_dir: str, out_dir: str, model: ModelConfig, budget: Resolved
         write_model_files(tmp, order, sliced, max_shard_bytes, bar)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+        copy_carried_files(src_dir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return finish_out(tmp, out_dir)
+
+
+def _slice_quantized(src_dir: str, out_dir: str, model: ModelConfig, budget: ResolvedBudget, cfg: dict,
+                     max_shard_bytes: int, overwrite: bool, progress: bool) -> str:
+    from tqdm import tqdm
+
+    from pipeline.quant.export import read_quant_dir, slice_quantized_dir
+
+    fmt, excluded = read_quant_dir(src_dir)
+    tmp = prepare_out(out_dir, overwrite)
+    os.makedirs(tmp)
+    bar = tqdm(unit="B", unit_scale=True, desc=f"slice {budget.name} ({fmt})", disable=not progress)
+    try:
+        slice_quantized_dir(src_dir, tmp, model, budget, fmt, excluded, cfg, max_shard_bytes, bar)
         copy_carried_files(src_dir, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

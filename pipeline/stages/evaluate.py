@@ -66,5 +66,26 @@ def main(recipe, args) -> None:
                 json.dump(result, f, indent=2)
             print(format_table(result), flush=True)
         dist.barrier()
+        _quantized(recipe, budgets, dtype, logger, say)
     finally:
         parallel.shutdown()
+
+
+def _quantized(recipe, budgets, dtype, logger: bool, say) -> None:
+    """After the qad stage: BF16 / FP8 PTQ / NVFP4 PTQ / NVFP4 QAD per budget (``evaluate/qad.json``)."""
+    import torch.distributed as dist
+
+    from pipeline.quant import calib
+    from pipeline.quant.evaluate import evaluate_quant, format_table
+    from pipeline.training.loop import resolve_init, stage_dir
+
+    scales = os.path.join(stage_dir(recipe, "qad"), calib.SCALES_FILE)
+    if not os.path.isfile(os.path.join(stage_dir(recipe, "qad"), "final.json")) or not os.path.isfile(scales):
+        return
+    ckpts = {"stage2": resolve_init(recipe, recipe.qad.budgets_from), "qad": resolve_init(recipe, "qad")}
+    result = evaluate_quant(recipe, budgets, ckpts, calib.read_scales(scales), dtype, say)
+    if logger:
+        with open(os.path.join(stage_dir(recipe, "evaluate"), "qad.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(format_table(result), flush=True)
+    dist.barrier()

@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
     parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size limit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--quant", choices=("fp8", "nvfp4"), default=None,
+                        help="a quantised elastic checkpoint (ModelOpt HF layout, docs/qad.md): fp8 = PTQ of stage 2, "
+                             "nvfp4 = the qad stage; default out <root>/<name>/elastic-<quant>")
 
 
 def newest_checkpoint(recipe) -> str:
@@ -92,11 +95,15 @@ def _plan(recipe, args):
     """(checkpoint, budgets file or "", budgets or None, output dir): everything checked before megatron loads."""
     from pipeline.elastic.elastic_dir import read_budgets
 
-    ckpt = resolve_checkpoint(recipe, args.checkpoint)
+    quant = getattr(args, "quant", None)
+    spec = args.checkpoint or ({"fp8": recipe.qad.budgets_from, "nvfp4": "qad"}[quant] if quant else "")
+    ckpt = resolve_checkpoint(recipe, spec)
     path = budgets_file(ckpt)
+    if quant and not os.path.isfile(path):
+        raise UserError(f"--quant {quant}: {ckpt} is not an elastic checkpoint ({path} missing)")
     budgets = read_budgets(path, recipe.model) if os.path.isfile(path) else None
     run = os.path.join(recipe.run.root, recipe.run.name)
-    out = args.out or os.path.join(run, "elastic" if budgets else "hf")
+    out = args.out or os.path.join(run, (f"elastic-{quant}" if quant else "elastic") if budgets else "hf")
     return ckpt, (path if budgets else ""), budgets, out
 
 
@@ -135,7 +142,18 @@ def main(recipe, args) -> None:
             dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
             common = dict(dtype=dtype, base_config=base, files_from=(tokenizer_dir(recipe), parent),
                           overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-            if budgets:
+            if args.quant:
+                from pipeline.quant.calib import SCALES_FILE, read_scales
+                from pipeline.quant.export import export_quantized_elastic
+                from pipeline.training.loop import stage_dir
+
+                amax = read_scales(os.path.join(stage_dir(recipe, "qad"), SCALES_FILE))
+                out, report = export_quantized_elastic(recipe.model, ckpt, out_dir, budgets, budgets_path, args.quant,
+                                                       recipe.qad, amax, **common)
+                print(f"exported {args.quant} elastic checkpoint {ckpt} -> {out} "
+                      f"(budgets: {', '.join(b.name for b in budgets)})")
+                print(format_report(report))
+            elif budgets:
                 out, report = export_elastic(recipe.model, ckpt, out_dir, budgets, budgets_path, **common)
                 print(f"exported elastic checkpoint {ckpt} -> {out} (budgets: {', '.join(b.name for b in budgets)})")
                 print(format_report(report))

@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
                         help="print the storage of one elastic checkpoint vs separate models for the recipe's "
                              "budgets (no checkpoint needed) and exit")
     parser.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per weight for --storage-report")
+    parser.add_argument("--quant", choices=("fp8", "nvfp4"), action="append", default=[],
+                        help="--storage-report: also the FP8 / NVFP4 checkpoints (qad.exclude stays BF16; repeatable)")
 
 
 def _checkpoint_dir(recipe, args) -> str:
@@ -75,6 +77,11 @@ def storage_report(recipe, args) -> None:
         raise UserError(f"{args.recipe}: elastic.budgets is empty")
     print(f"# {args.recipe}: budget j takes choice j of every elastic axis; {args.dtype_bytes} bytes per weight")
     print(format_report(report(recipe.model, budgets, dtype_bytes=args.dtype_bytes)))
+    from pipeline.quant.storage import quant_storage_report
+
+    for fmt in args.quant:
+        print(f"# {fmt}: quantised linears as exported (docs/qad.md), every other tensor {args.dtype_bytes} bytes")
+        print(format_report(quant_storage_report(recipe.model, budgets, fmt, recipe.qad, args.dtype_bytes)))
 
 
 def dry_run(recipe, args) -> None:
