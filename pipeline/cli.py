@@ -27,6 +27,7 @@ STAGES = {
     "plan": ("plan", "memory plan of a training stage per GPU (params, grads, optimizer, activations) and the verdict"),
     "evaluate": ("evaluate", "validation loss of each nested budget: trained vs untrained slice vs parent"),
     "qad": ("qad", "nested quantisation after stage 2: calibrate (FP8 PTQ scales), NVFP4 QAD at every budget"),
+    "distill": ("distill", "prune + distil ONE fixed budget's subnet from the parent (the independent baseline)"),
     "export": ("export", "write a checkpoint as a Hugging Face NemotronH model (safetensors + config.json)"),
     "slice": ("slice", "cut one budget out of an elastic checkpoint as a standalone model"),
     "generate": ("generate", "think with a small budget, answer with a large one (one copy of the weights)"),

@@ -326,6 +326,16 @@ class QadConfig(TrainStageConfig):
 
 
 @dataclass
+class DistillConfig(TrainStageConfig):
+    """Prune + distil one fixed smaller model (the sequential-compression baseline, docs/quality.md): the student
+    is the permuted parent at one budget's resolved subnet (no router), KD from the frozen parent."""
+
+    budget: str = ""  # the elastic budget whose subnet is trained ("" = refused at run time: name one)
+    budgets_from: str = value("stage2", nonempty=True)  # stage name or stage dir whose elastic_budgets.json fixes it
+    teacher: str = value("importance", nonempty=True)  # frozen KD teacher: a stage name or checkpoint path
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -340,9 +350,10 @@ class Recipe:
     stage1: ElasticStageConfig = field(default_factory=ElasticStageConfig)
     stage2: ElasticStageConfig = field(default_factory=ElasticStageConfig)
     qad: QadConfig = field(default_factory=QadConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     budget_eval: BudgetEvalConfig = field(default_factory=BudgetEvalConfig)
 
 
 # Sections whose ``training`` block is resolved over the top-level ``training`` section.
-TRAIN_STAGES = ("pretrain", "stage1", "stage2", "qad")
+TRAIN_STAGES = ("pretrain", "stage1", "stage2", "qad", "distill")

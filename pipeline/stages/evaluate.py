@@ -11,8 +11,9 @@ from pipeline.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--trained", choices=["stage1", "stage2"], default=None,
-                        help="the elastic stage to score (default: stage2 if it has finished, else stage1)")
+    parser.add_argument("--trained", choices=["stage1", "stage2", "distill"], default=None,
+                        help="the elastic stage to score (default: stage2 if it has finished, else stage1; "
+                             "distill: the prune + distil baseline)")
     parser.add_argument("--parent", default="importance", type=nonempty_str,
                         help="the untrained reference: a stage name or checkpoint path (default: importance)")
 

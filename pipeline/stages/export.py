@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="weight dtype (auto: as stored; fp32 extras such as A_log stay fp32)")
     parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size limit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--budgets", metavar="STAGE_OR_FILE", default=None, type=nonempty_str,
+                        help="export as an elastic checkpoint with these resolved budgets (a stage of this run or an "
+                             "elastic_budgets.json), e.g. the untrained permuted parent with stage 2's subnets")
     parser.add_argument("--quant", choices=("fp8", "nvfp4"), default=None,
                         help="a quantised elastic checkpoint (ModelOpt HF layout, docs/qad.md): fp8 = PTQ of stage 2, "
                              "nvfp4 = the qad stage; default out <root>/<name>/elastic-<quant>")
@@ -99,6 +102,13 @@ def _plan(recipe, args):
     spec = args.checkpoint or ({"fp8": recipe.qad.budgets_from, "nvfp4": "qad"}[quant] if quant else "")
     ckpt = resolve_checkpoint(recipe, spec)
     path = budgets_file(ckpt)
+    if getattr(args, "budgets", None):
+        from pipeline.elastic.subnet import BUDGETS_FILE
+
+        path = args.budgets if os.path.isfile(args.budgets) else os.path.join(
+            recipe.run.root, recipe.run.name, args.budgets, BUDGETS_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"--budgets {args.budgets}: neither a budgets file nor a stage with {BUDGETS_FILE}")
     if quant and not os.path.isfile(path):
         raise UserError(f"--quant {quant}: {ckpt} is not an elastic checkpoint ({path} missing)")
     budgets = read_budgets(path, recipe.model) if os.path.isfile(path) else None
