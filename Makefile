@@ -61,6 +61,10 @@ demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -
 	$(PY) -m pipeline evaluate --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline budget-eval --recipe $(RECIPE) $(ARGS)
 
+.PHONY: study
+study:            ## the quality study (docs/quality.md): parent, elastic, independent prune + KD, untrained slices, PTQ / QAD, budget-eval -> runs/study/study/results.{json,md} + plots; resumable. CPU smoke: make study ARGS="--scale tiny"
+	$(PY) bench/quality_study.py $(ARGS)
+
 .PHONY: slice
 BUDGET ?=
 OUT    ?=

@@ -118,15 +118,16 @@ class Study:
             self.child.send_signal(signal.SIGTERM)
 
     # ---- the study --------------------------------------------------------------------------------------------
-    def main_run(self, stage: str, *extra: str) -> List[str]:
-        return [stage, "--recipe", self.args.recipe, *extra, *self.overrides]
+    def main_run(self, stage: str, *flags: str, sets: List[str] = ()) -> List[str]:
+        """A step's argv: its flags, the study's overrides, then the step's own ``sets`` (they win)."""
+        return [stage, "--recipe", self.args.recipe, *flags, *self.overrides, *sets]
 
     def accuracy(self, label: str, checkpoint: str, budget: str) -> None:
         """Greedy exact-match accuracy of ONE budget of an elastic directory: budget-eval's ``X->X`` row."""
         out = os.path.join(self.dir, "accuracy", label)
-        self.step(f"accuracy-{label}", self.main_run(
-            "budget-eval", f"budget_eval.checkpoint={checkpoint}", f"budget_eval.budgets=[{budget}]",
-            "budget_eval.token_budget_caps=[]", f"budget_eval.out={out}"), os.path.join(out, "budget_eval.json"))
+        self.step(f"accuracy-{label}", self.main_run("budget-eval", sets=[
+            f"budget_eval.checkpoint={checkpoint}", f"budget_eval.budgets=[{budget}]",
+            "budget_eval.token_budget_caps=[]", f"budget_eval.out={out}"]), os.path.join(out, "budget_eval.json"))
 
     def run(self) -> Dict:
         r, d = self.recipe, self.run_dir
@@ -164,19 +165,18 @@ class Study:
                 common = [f"run.name={run}", f"data.output_dir={os.path.join(self.run_dir, 'data')}",
                           f"distill.budget={b}", f"distill.budgets_from={os.path.abspath(os.path.join(self.run_dir, 'stage2'))}",
                           f"distill.teacher={importance}", f"distill.training.init_from={importance}"]
-                self.step(f"distill-{b}-x{k:g}", self.main_run("distill", *common,
-                                                              f"distill.training.train_iters={self.distill_iters(k)}"),
-                          self.final(run, "distill"))
+                self.step(f"distill-{b}-x{k:g}", self.main_run("distill", sets=[
+                    *common, f"distill.training.train_iters={self.distill_iters(k)}"]), self.final(run, "distill"))
                 # the elastic arm's validation batches: stage 2's sequence length, batch and eval_iters
                 same_batches = [f"distill.training.seq_length={s2.seq_length}",
                                 f"distill.training.micro_batch_size={s2.micro_batch_size}",
                                 f"distill.training.global_batch_size={s2.global_batch_size}",
                                 f"distill.training.eval_iters={s2.eval_iters}"]
                 self.step(f"evaluate-{run}", self.main_run("evaluate", "--trained", "distill", "--parent", importance,
-                                                          *common, *same_batches),
+                                                          sets=common + same_batches),
                           os.path.join(self.root, run, "evaluate", "distill.json"))
                 out = os.path.join(self.root, run, "elastic")
-                self.step(f"export-{run}", self.main_run("export", "--checkpoint", "distill", "--overwrite", *common),
+                self.step(f"export-{run}", self.main_run("export", "--checkpoint", "distill", "--overwrite", sets=common),
                           os.path.join(out, "elastic.json"))
                 self.accuracy(f"independent-{b}-x{k:g}", out, b)
 
