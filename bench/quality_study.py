@@ -157,7 +157,6 @@ class Study:
 
     def independent(self) -> None:
         """Prune to the router's subnet, KD from the parent with k x T tokens, per smaller budget and k."""
-        s2 = self.recipe.stage2.training
         importance = os.path.abspath(os.path.join(self.run_dir, "importance", "checkpoints"))
         for b in self.budgets[1:]:
             for k in self.args.indep_multiples:
@@ -167,13 +166,9 @@ class Study:
                           f"distill.teacher={importance}", f"distill.training.init_from={importance}"]
                 self.step(f"distill-{b}-x{k:g}", self.main_run("distill", sets=[
                     *common, f"distill.training.train_iters={self.distill_iters(k)}"]), self.final(run, "distill"))
-                # the elastic arm's validation batches: stage 2's sequence length, batch and eval_iters
-                same_batches = [f"distill.training.seq_length={s2.seq_length}",
-                                f"distill.training.micro_batch_size={s2.micro_batch_size}",
-                                f"distill.training.global_batch_size={s2.global_batch_size}",
-                                f"distill.training.eval_iters={s2.eval_iters}"]
-                self.step(f"evaluate-{run}", self.main_run("evaluate", "--trained", "distill", "--parent", importance,
-                                                          sets=common + same_batches),
+                # the elastic arm's validation batches (stage 2's: same recipe section, same document order)
+                self.step(f"evaluate-{run}", self.main_run("evaluate", "--trained", "distill", "--valid-as", "stage2",
+                                                          "--parent", importance, sets=common),
                           os.path.join(self.root, run, "evaluate", "distill.json"))
                 out = os.path.join(self.root, run, "elastic")
                 self.step(f"export-{run}", self.main_run("export", "--checkpoint", "distill", "--overwrite", sets=common),
@@ -219,15 +214,18 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, study.terminate)
+    before = {sig: signal.signal(sig, study.terminate) for sig in (signal.SIGTERM, signal.SIGALRM)}
     if args.time_limit > 0:
-        signal.signal(signal.SIGALRM, study.terminate)
         signal.setitimer(signal.ITIMER_REAL, args.time_limit)
     try:
         study.run()
     except Interrupted as e:
         print(f"[study] stopped during {e}: re-run the same command to resume", flush=True)
         return 3
+    finally:  # a caller (tests) gets its handlers back
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     return 0
 
 

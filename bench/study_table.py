@@ -37,11 +37,14 @@ def build_results(study, read_json: Callable) -> Dict:
     for b in study.budgets:
         rows.append(_row("elastic", b, by_name[b]["active_params"], by_name[b]["trained"], acc(f"elastic-{b}"), T,
                          "stage 1 + stage 2, once for every size"))
-    indep_total = {}
+    indep_total, mismatch = {}, []
     for b in study.budgets[1:]:
         for k in study.args.indep_multiples:
             run = study.indep_run(b, k)
-            iev = {x["name"]: x for x in read_json(study.root, run, "evaluate", "distill.json")["budgets"]}
+            iev_json = read_json(study.root, run, "evaluate", "distill.json")
+            iev = {x["name"]: x for x in iev_json["budgets"]}
+            if not math.isclose(iev_json["parent"], ev["parent"], rel_tol=1e-3):  # the same batches give the same parent
+                mismatch.append(f"{run}: parent {iev_json['parent']:.4f} vs {ev['parent']:.4f}")
             tokens = study.stage_tokens("distill", study.distill_iters(k))
             indep_total[k] = indep_total.get(k, 0) + tokens
             rows.append(_row("independent", b, iev[b]["active_params"], iev[b]["trained"],
@@ -62,7 +65,7 @@ def build_results(study, read_json: Callable) -> Dict:
                    "qad": study.stage_tokens("qad"),
                    "independent_total": {f"{k:g}": v for k, v in indep_total.items()},
                    "independent_over_elastic": {f"{k:g}": v / T for k, v in indep_total.items()}},
-        "validation_tokens": ev["tokens"], "problems": rows[0]["problems"],
+        "validation_tokens": ev["tokens"], "validation_mismatch": mismatch, "problems": rows[0]["problems"],
         "rows": rows, "quant": quant["budgets"], "quant_validation_tokens": quant["tokens"],
         "budget_eval": {"rows": [{k: r[k] for k in ("label", "kind", "accuracy", "think_tokens", "seconds_per_problem",
                                                    "pareto")} for r in be["rows"]],
@@ -114,6 +117,8 @@ def markdown(res: Dict) -> str:
              f"Recipe `{res['recipe']}`; overrides: `{' '.join(res['overrides']) or 'none'}`.", "",
              f"Validation loss: {res['validation_tokens']:,} tokens of the data stage's validation split (same batches "
              f"for every arm). Accuracy: greedy exact match on {res['problems']} held-out problems.", "",
+             *([f"**Warning: validation batches differ between runs:** {'; '.join(res['validation_mismatch'])}", ""]
+               if res["validation_mismatch"] else []),
              "| arm | size | k | active params | val loss | accuracy | training tokens | tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

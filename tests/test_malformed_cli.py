@@ -71,6 +71,11 @@ CASES = {
     "import --hf missing dir": (["import", "--recipe", RECIPE, "--hf", "{tmp}/nohf"], ["nohf", "no config.json"]),
     "evaluate --trained": (["evaluate", "--recipe", RECIPE, "--trained", "stage3"], ["--trained", "'stage3'"]),
     "evaluate --parent empty": (["evaluate", "--recipe", RECIPE, "--parent", ""], ["--parent", "must not be empty"]),
+    "evaluate --valid-as": (["evaluate", "--recipe", RECIPE, "--valid-as", "pretrain"], ["--valid-as", "'pretrain'"]),
+    "distill before stage 2": (["distill", "--recipe", RECIPE, "distill.budget=small"],
+                               ["distill.budgets_from", "elastic_budgets.json is missing"]),
+    "distill --dry-run before stage 2": (["distill", "--recipe", RECIPE, "--dry-run", "distill.budget=small"],
+                                         ["distill.budgets_from", "elastic_budgets.json is missing"]),
     "data positional junk": (["data", "--recipe", RECIPE, "now"], ["'now'", "key.path=value"]),
 }
 

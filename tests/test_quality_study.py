@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_table_has_every_arm_and_size_with_the_planted_numbers(tmp_path):
         _dump(os.path.join(s.dir, "accuracy", f"untrained-{b}", "budget_eval.json"), _acc(0))
         for k, c in ((1, 1), (2, 3)):  # the independent arm catches up at k = 2 (medium: 3 >= 3; small: 3 >= 2)
             run = s.indep_run(b, k)
-            _dump(os.path.join(s.root, run, "evaluate", "distill.json"), {"budgets": [
+            _dump(os.path.join(s.root, run, "evaluate", "distill.json"), {"parent": 0.9, "budgets": [
                 {"name": x, "active_params": active[x], "trained": 1.3 + 0.1 * k} for x in names]})
             _dump(os.path.join(s.dir, "accuracy", f"independent-{b}-x{k}", "budget_eval.json"), _acc(c))
     _dump(os.path.join(d, "evaluate", "qad.json"), {"tokens": 2048, "budgets": [
@@ -86,6 +87,7 @@ def test_table_has_every_arm_and_size_with_the_planted_numbers(tmp_path):
     assert row[("independent", "small", 2.0)]["training_tokens"] == s.distill_iters(2) * td.global_batch_size * td.seq_length
     assert res["tokens"]["independent_over_elastic"]["2"] == pytest.approx(2 * s.distill_iters(2) * td.global_batch_size
                                                                              * td.seq_length / T)
+    assert res["validation_mismatch"] == []
     c = res["checks"]
     assert c["elastic_vs_parent_accuracy"]["small"] == pytest.approx(-0.5)
     assert c["elastic_vs_independent"]["medium"]["independent_catches_up_at_k"] == 2.0
@@ -100,6 +102,34 @@ def test_table_has_every_arm_and_size_with_the_planted_numbers(tmp_path):
         assert f"| {arm} | {b} | {'' if k is None else f'{k:g}'} |" in md
     assert json.load(open(paths["json"]))["rows"] == res["rows"]
     assert all(os.path.getsize(p) > 0 for p in paths["plots"][:2])
+
+
+def _fake_python(tmp_path, body):
+    path = tmp_path / "fakepy"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_time_limit_stops_the_running_step_and_a_rerun_resumes(tmp_path, capsys):
+    """--time-limit: SIGTERM to the running step (a stage saves and exits 0), no marker, exit 3; a finished step
+    leaves its marker and is skipped; a step that exits 0 without its output is a failure."""
+    base = ["--scale", "tiny", "--root", str(tmp_path)]
+    slow = _fake_python(tmp_path, "trap 'echo saved; exit 0' TERM\nsleep 30 &\nwait")
+    t0 = time.monotonic()
+    assert quality_study.main(base + ["--python", slow, "--time-limit", "1"]) == 3
+    assert time.monotonic() - t0 < 20
+    steps = tmp_path / "study_tiny" / "study" / "steps"
+    assert not (steps / "data.json").exists()
+    assert "saved" in (tmp_path / "study_tiny" / "study" / "logs" / "data.log").read_text()
+    quick = _fake_python(tmp_path, "exit 0")
+    with pytest.raises(SystemExit, match="pretrain failed"):  # exit 0 but no pretrain/final.json
+        quality_study.main(base + ["--python", quick])
+    assert (steps / "data.json").exists() and not (steps / "pretrain.json").exists()
+    assert "[study] data: done (skipped)" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="pretrain failed"):
+        quality_study.main(base + ["--python", quick])
+    assert "[study] data: done (skipped)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -125,3 +155,9 @@ def test_the_study_command_runs_end_to_end_at_tiny_scale(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[study] stage1: done (skipped)" in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    # the distill stage names a wrong budget in one line (exit 2)
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "distill", "--recipe", "recipes/tiny.yaml", "--dry-run",
+                          f"run.root={tmp_path}", "run.name=study_tiny", "distill.budget=tiny",
+                          f"distill.budgets_from={tmp_path / 'study_tiny' / 'stage2'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: distill.budget = 'tiny'")

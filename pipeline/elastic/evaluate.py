@@ -73,12 +73,14 @@ def lm_loss(model: torch.nn.Module, batches: List[Dict[str, torch.Tensor]], seq_
 
 
 def evaluate_budgets(recipe: Recipe, stage: str, budgets: List[ResolvedBudget], trained_ckpt: str,
-                     parent_ckpt: str, dtype: torch.dtype, say=print) -> Dict:
+                     parent_ckpt: str, dtype: torch.dtype, say=print, valid_stage: str = "") -> Dict:
     """{"budgets": [{name, fraction, active_params, trained, untrained}], "parent": loss} (the loss on the last
-    pipeline stage)."""
-    t = getattr(recipe, stage).training
+    pipeline stage). ``valid_stage``: whose validation batches (sequence length, batch, eval_iters, document order)
+    score it; default ``stage``'s (another stage's lets checkpoints of different stages share one validation set)."""
+    valid_stage = valid_stage or stage
+    t = getattr(recipe, valid_stage).training
     mbs = t.micro_batch_size
-    batches = validation_batches(recipe, stage, mbs)
+    batches = validation_batches(recipe, valid_stage, mbs)
     model = build_elastic_model(recipe, dtype)
     if dtype == torch.bfloat16:  # as in training: every parameter bf16 (Mamba's A_log / D too)
         model = Float16Module(model.config, model)

@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trained", choices=["stage1", "stage2", "distill"], default=None,
                         help="the elastic stage to score (default: stage2 if it has finished, else stage1; "
                              "distill: the prune + distil baseline)")
+    parser.add_argument("--valid-as", choices=["stage1", "stage2", "distill"], default=None,
+                        help="score on this stage's validation batches (default: the trained stage's), e.g. a distill "
+                             "checkpoint on stage 2's, the batches its elastic run was scored on")
     parser.add_argument("--parent", default="importance", type=nonempty_str,
                         help="the untrained reference: a stage name or checkpoint path (default: importance)")
 
@@ -59,7 +62,7 @@ def main(recipe, args) -> None:
     say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if logger else (lambda msg: None)
     try:
         dtype = torch.bfloat16 if bf16 else torch.float32
-        result = evaluate_budgets(recipe, stage, budgets, trained, parent, dtype, say)
+        result = evaluate_budgets(recipe, stage, budgets, trained, parent, dtype, say, args.valid_as or "")
         if logger:
             out_dir = stage_dir(recipe, "evaluate")
             os.makedirs(out_dir, exist_ok=True)
