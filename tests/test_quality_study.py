@@ -155,6 +155,18 @@ def test_the_study_command_runs_end_to_end_at_tiny_scale(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[study] stage1: done (skipped)" in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    # the independent arm trained the pruned model only: outside its subnet every weight is the permuted parent's
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    parent, indep = weights(out / "untrained"), weights(tmp_path / "study_tiny-indep-small-x1" / "elastic")
+    small = next(b for b in json.loads((out / "untrained" / "elastic.json").read_text())["budgets"] if b["name"] == "small")
+    h, emb = small["subnet"]["hidden"], "backbone.embeddings.weight"
+    assert h < parent[emb].shape[1]
+    assert parent[emb][:, h:].equal(indep[emb][:, h:])
+    assert not parent[emb][:, :h].equal(indep[emb][:, :h])
     # the distill stage names a wrong budget in one line (exit 2)
     bad = subprocess.run([sys.executable, "-m", "pipeline", "distill", "--recipe", "recipes/tiny.yaml", "--dry-run",
                           f"run.root={tmp_path}", "run.name=study_tiny", "distill.budget=tiny",
