@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nvidia-h200-x2)")]
 
 PROXY = os.path.join(ROOT, "recipes", "proxy_1b.yaml")
-PRETRAIN_ITERS, STEPS = 10, 50
+PRETRAIN_ITERS, STEPS = 20, 50  # pretrain: past the recipe's 10 warmup steps
 LAYOUTS = {"gpu1": (1, []), "tp2": (2, ["parallelism.tp=2", "parallelism.sequence_parallel=true"]),
            "ep2": (2, ["parallelism.ep=2"])}
 WINDOWS = {"early": range(1, 11), "late": range(41, 51)}
