@@ -32,7 +32,8 @@ BASE = ["model.pattern=MEME", "model.num_layers=4", "training.seq_length=64", "t
         "training.global_batch_size=2", "training.lr_warmup_iters=0", "training.adam_eps=1.0e-3",
         "logging.tensorboard=false", "elastic.axes.mamba_heads=[]", "elastic.axes.attention_heads=[]",
         "elastic.budgets=[{name: full, fraction: 1.0}, {name: small, fraction: 0.6}]"]
-ELASTIC = ["stage1.training.micro_batch_size=1", "stage1.training.global_batch_size=2", "stage2.budget_weights=[]"]
+ELASTIC = ["stage1.training.micro_batch_size=1", "stage1.training.global_batch_size=2", "stage2.budget_weights=[]",
+           "qad.budget_weights=[]"]  # 2 budgets here: the weights per budget follow
 
 
 def recipe(root: str, name: str, extra: List[str] = ()):

@@ -186,7 +186,8 @@ def masked_vs_sliced(root: str, layouts: List[str], extra: List[str] = ()) -> Di
     ref_grad = _router_grad(parent, ElasticMasks(parent, r.model, r.elastic.axes, REMOVAL_ORDER), r,
                             refs["parent"], "tp1")
     # guards the comparisons against 0 == 0: every subnet changes the logits, the router gets a gradient
-    out = {"logit_scale": float(refs["parent"].abs().max()), "subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS),
+    out = {"logit_scale": float(refs["parent"].abs().max()),
+           "subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS),
            "router_grad_norm": float(ref_grad.norm()), "router_grad_diff": {}}
     for layout in layouts:
         rl = recipe(base + LAYOUTS[layout])

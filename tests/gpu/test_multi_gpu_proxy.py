@@ -5,11 +5,15 @@ One parent for all three: pretrain (1 GPU, PRETRAIN_ITERS steps) -> importance (
 from that importance checkpoint (student and teacher, by path) under its own run name. Read from each run's
 metrics.jsonl and elastic_budgets.json:
 - the per-budget KD curve: each budget's mean KD over steps 1-10 and 41-50 (the steps that drew it) within
-  KD_RTOL of the 1-GPU run's (+ KD_ATOL_FRAC of the smallest budget's early KD, for the full budget whose KD
-  starts at ~0: the student starts as the teacher). bf16, other reduction orders; under EP=2 the data-parallel
-  ranks hold one micro-batch each and both draw micro-batch 0's budget (ElasticTask._draw), so EP=2 samples the
-  budgets differently from the 1-GPU run's two micro-batches: the windows compare curves, not steps;
-- the resolved budgets (each budget's router argmax subnet): identical;
+  KD_RTOL[layout] of the 1-GPU run's (+ KD_ATOL_FRAC of the smallest budget's early KD, for the full budget whose
+  KD starts at ~0: the student starts as the teacher). TP=2 draws the same budgets on the same micro-batches as
+  1 GPU (bf16 and reduction order differ). Under EP=2 the two data-parallel ranks hold one micro-batch each and
+  both draw micro-batch 0's budget (ElasticTask._draw keys draws by the local micro-batch, and an EP group must
+  share its budget: an expert's masks act on every rank's tokens), so EP=2 makes half the 1-GPU run's budget
+  draws per step: its windows compare curves, not steps, at a wider tolerance (CPU smoke run of the same
+  commands on the tiny recipe: TP=2 matched 1 rank to 2e-6 relative, EP=2 did not follow step by step);
+- the resolved budgets: TP=2 the same router argmax subnet per budget; EP=2 (another router trajectory, see
+  above) each budget's active fraction within the recipe's dead zone (5%) of the 1-GPU run's;
 - tokens/s per GPU (median of the log steps 20-50) and the scaling efficiency = 2-GPU / 1-GPU tokens/s per GPU
   (recorded; asserted only above SCALING_FLOOR, a sanity floor against a run that fell back to one device).
 Run: ``bash tests/gpu/run_2gpu.sh proxy`` (tests/gpu/RESULTS.md).
@@ -34,7 +38,8 @@ PRETRAIN_ITERS, STEPS = 20, 50  # pretrain: past the recipe's 10 warmup steps
 LAYOUTS = {"gpu1": (1, []), "tp2": (2, ["parallelism.tp=2", "parallelism.sequence_parallel=true"]),
            "ep2": (2, ["parallelism.ep=2"])}
 WINDOWS = {"early": range(1, 11), "late": range(41, 51)}
-KD_RTOL, KD_ATOL_FRAC = 0.15, 0.05
+KD_RTOL, KD_ATOL_FRAC = {"tp2": 0.05, "ep2": 0.25}, 0.05
+FRACTION_ATOL = 0.05  # recipes/proxy_1b.yaml elastic.dead_zone
 SCALING_FLOOR = 0.3
 
 
@@ -102,14 +107,17 @@ def test_proxy_stage1_on_two_gpus_follows_one_gpu(proxy, layout, record):
         f"tok_s_gpu_{layout}": two["tokens_per_s_per_gpu"], "scaling_efficiency": efficiency,
         "same_subnets": one["subnets"] == two["subnets"]})
     assert one["last_step"] == two["last_step"] == STEPS
-    smallest = min(one["kd"], key=lambda n: one["active_fraction"][n])
-    atol = KD_ATOL_FRAC * one["kd"][smallest]["early"]
-    assert one["kd"][smallest]["early"] - one["kd"][smallest]["late"] > KD_RTOL * one["kd"][smallest]["early"], \
+    rtol, small = KD_RTOL[layout], one["kd"][min(one["kd"], key=lambda n: one["active_fraction"][n])]
+    atol = KD_ATOL_FRAC * small["early"]
+    assert small["early"] - small["late"] > rtol * small["early"], \
         "the smallest budget's KD did not fall: the curve comparison is not informative"
     for name, windows in one["kd"].items():
         for w, want in windows.items():
             got = two["kd"][name][w]
             assert want is not None and got is not None, f"{name} not drawn in the {w} window"
-            assert abs(got - want) <= KD_RTOL * abs(want) + atol, f"{layout} {name} {w}: KD {got:.4f} vs {want:.4f}"
-    assert two["subnets"] == one["subnets"], "the resolved budgets differ"
+            assert abs(got - want) <= rtol * abs(want) + atol, f"{layout} {name} {w}: KD {got:.4f} vs {want:.4f}"
+    if layout == "tp2":
+        assert two["subnets"] == one["subnets"], "the resolved budgets differ"
+    for name, want in one["active_fraction"].items():
+        assert abs(two["active_fraction"][name] - want) <= FRACTION_ATOL, f"{name}: resolved budgets differ"
     assert efficiency >= SCALING_FLOOR, f"{layout}: scaling efficiency {efficiency:.2f}"
