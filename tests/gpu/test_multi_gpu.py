@@ -6,7 +6,8 @@ gloo suite, run through the same workers (tests/elastic_worker.py, cp_worker.py,
 - context parallel CP=2 with TE attention + Mamba + MoE: one pretrain step and one elastic step equal CP=1
   (bf16: TE's CP attention needs its flash / fused kernels, which have no fp32);
 - a checkpoint saved at TP=2 loads at TP=1 and at EP=2 (weights, fp32), and a training run saved at TP=2
-  resumes at TP=1 and at EP=2 with its optimizer state (CLI, bf16, loss curve vs the uninterrupted TP=2 run).
+  resumes at EP=2 with its optimizer state (CLI, bf16, loss curve vs the resume at TP=2); at TP=1 megatron's
+  optimizer state does not load (xfail, strict: it flags when that starts to work).
 Run: ``bash tests/gpu/run_2gpu.sh`` on the 2-GPU machine (tests/gpu/RESULTS.md).
 """
 
@@ -138,7 +139,7 @@ def test_tp2_checkpoint_loads_at(reshard, target, record):
         assert rel <= RESHARD_RTOL, f"TP=2 -> {target}: logits differ by {rel:.2e}"
 
 
-RESUME_RTOL = 2e-2  # bf16 training, per step: resumed at another layout vs resumed at TP=2 (other kernel shapes)
+RESUME_RTOL = 2e-2  # bf16 training, per step: resumed at another layout vs resumed at TP=2 (other kernels / shards)
 TP2 = ["parallelism.tp=2", "parallelism.sequence_parallel=true"]
 
 
@@ -159,29 +160,50 @@ def _losses(stage_dir):
     return {s: rec["loss"] for s, rec in read_metrics(stage_dir).items()}
 
 
-def test_training_saved_at_tp2_resumes_at_tp1_and_ep2(tmp_path, record):
-    """10 steps at TP=2 (+SP) saved with the optimizer; the copy of that run directory resumes to step 20 at
-    TP=2, TP=1 and EP=2 (constant LR: the schedule does not depend on train_iters)."""
-    common = ["--recipe", TINY, *TE, "training.seq_length=512", "training.lr_warmup_iters=0",
-              "training.lr_decay_style=constant", "logging.log_interval=5", "checkpointing.save_interval=10",
-              "logging.tensorboard=false"]
-    first = _torchrun_cli(2, "pretrain", *common, f"run.root={tmp_path}/first", "training.train_iters=10", *TP2)
-    assert first.returncode == 0, first.stderr[-4000:]
-    runs = {}
-    for target, nproc, layout in (("tp2", 2, TP2), ("tp1", 1, []), ("ep2", 2, ["parallelism.ep=2"])):
-        root = os.path.join(tmp_path, target)
-        shutil.copytree(os.path.join(tmp_path, "first"), root)
-        proc = _torchrun_cli(nproc, "pretrain", *common, f"run.root={root}", "training.train_iters=20", *layout)
+RESUME_COMMON = ["--recipe", TINY, *TE, "training.seq_length=512", "training.lr_warmup_iters=0",
+                 "training.lr_decay_style=constant", "logging.log_interval=5", "checkpointing.save_interval=10",
+                 "logging.tensorboard=false"]
+RESUME_AT = {"tp2": (2, TP2), "tp1": (1, []), "ep2": (2, ["parallelism.ep=2"])}
+
+
+@pytest.fixture(scope="module")
+def first_10_steps_at_tp2(tmp_path_factory):
+    """10 steps at TP=2 (+SP), saved with the optimizer (constant LR: the schedule does not depend on
+    train_iters); each test resumes a copy of this run directory to step 20 at another layout."""
+    tmp = tmp_path_factory.mktemp("resume_2gpu")
+    proc = _torchrun_cli(2, "pretrain", *RESUME_COMMON, f"run.root={tmp}/first", "training.train_iters=10", *TP2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp
+
+
+def _resume(tmp, target):
+    nproc, layout = RESUME_AT[target]
+    root = os.path.join(tmp, target)
+    if not os.path.isdir(root):
+        shutil.copytree(os.path.join(tmp, "first"), root)
+        proc = _torchrun_cli(nproc, "pretrain", *RESUME_COMMON, f"run.root={root}", "training.train_iters=20",
+                             *layout)
         assert proc.returncode == 0, f"resume at {target}: " + proc.stderr[-4000:]
-        log = proc.stdout + proc.stderr
-        assert "(iteration 10)" in log, log[-3000:]  # resumed, not restarted
-        runs[target] = _losses(os.path.join(root, "tiny", "pretrain"))
-    want = runs["tp2"]
+        assert "(iteration 10)" in proc.stdout + proc.stderr, "not resumed"
+    return _losses(os.path.join(root, "tiny", "pretrain"))
+
+
+def test_training_saved_at_tp2_resumes_at_ep2_with_its_optimizer(first_10_steps_at_tp2, record):
+    """Steps 11-20 resumed at EP=2 follow the resume at TP=2 (CPU gloo smoke run, local backend: identical)."""
+    want, got = _resume(first_10_steps_at_tp2, "tp2"), _resume(first_10_steps_at_tp2, "ep2")
     assert want[1] - want[11] > 20 * RESUME_RTOL * want[11], "the loss did not move: resuming is not checked"
-    figures = {"tp2": {s: want[s] for s in (1, 10, 11, 15, 20)}}
-    for target in ("tp1", "ep2"):
-        gaps = {s: abs(runs[target][s] - want[s]) / want[s] for s in range(11, 21)}
-        figures[target] = {"loss": {s: runs[target][s] for s in (11, 15, 20)}, "worst_rel_gap": max(gaps.values())}
-    record("TP=2 run resumed at TP=2 / TP=1 / EP=2", figures)
-    for target in ("tp1", "ep2"):
-        assert figures[target]["worst_rel_gap"] <= RESUME_RTOL, f"resumed at {target}: {figures[target]}"
+    gaps = {s: abs(got[s] - want[s]) / want[s] for s in range(11, 21)}
+    record("TP=2 run resumed at TP=2 / EP=2", {"tp2": {s: want[s] for s in (1, 10, 11, 15, 20)},
+                                                "ep2": {s: got[s] for s in (11, 15, 20)},
+                                                "worst_rel_gap": max(gaps.values())})
+    assert max(gaps.values()) <= RESUME_RTOL, gaps
+
+
+@pytest.mark.xfail(strict=True, reason="megatron builds a ChainedOptimizer (dense + expert groups) at TP=2 and one "
+                   "optimizer at TP=1: the optimizer state does not load across (CPU gloo: 'Different dict keys "
+                   "encountered in apply_factory_merges'); the weights do (test_tp2_checkpoint_loads_at[tp1])")
+def test_training_saved_at_tp2_resumes_at_tp1_with_its_optimizer(first_10_steps_at_tp2, record):
+    want, got = _resume(first_10_steps_at_tp2, "tp2"), _resume(first_10_steps_at_tp2, "tp1")
+    gaps = {s: abs(got[s] - want[s]) / want[s] for s in range(11, 21)}
+    record("TP=2 run resumed at TP=1", {"tp1": {s: got[s] for s in (11, 15, 20)}, "worst_rel_gap": max(gaps.values())})
+    assert max(gaps.values()) <= RESUME_RTOL, gaps
