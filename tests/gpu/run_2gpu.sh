@@ -15,6 +15,9 @@ export PYTHONPATH=/tmp/site-te:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 env | grep -i "NCCL_NVLS\|MULTICAST" | tee "$out/multicast_env.txt"  # recorded, left as preset
 limit=${LIMIT:-560}
+# proxy runs (~50 GB of checkpoints) stay on the device's /tmp, not in $OUT; a second `proxy` call on the same warm
+# machine continues from the finished stages if the first was cut by the time limit
+export MULTI_GPU_PROXY_ROOT=${MULTI_GPU_PROXY_ROOT:-/tmp/proxy_2gpu}
 status=0
 run_part() {  # name, test file
     GPU_RESULTS=$out/multi_gpu_$1.jsonl timeout "$limit" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rs "$2" \

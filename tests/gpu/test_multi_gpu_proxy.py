@@ -55,14 +55,22 @@ def cli(nproc: int, *args, timeout: int = 540):
 def stage1_runs(root: str, recipe: str, layouts=LAYOUTS, extra=(), steps: int = STEPS,
                 pretrain_iters: int = PRETRAIN_ITERS):
     """pretrain -> importance on one rank, then stage 1 at each layout from the importance checkpoint; returns
-    {layout: stage-1 directory}. Recipe-agnostic (tiny on CPU gloo runs the same commands)."""
+    {layout: stage-1 directory}. Recipe-agnostic (tiny on CPU gloo runs the same commands). A stage that finished
+    in ``root`` before (its final.json / importance.json) is not run again: a run cut by the device's time limit
+    continues where it stopped when called again with the same root."""
     name = os.path.splitext(os.path.basename(recipe))[0]
     common = ["--recipe", recipe, f"run.root={root}", "logging.tensorboard=false", *extra]
-    cli(1, "pretrain", *common, f"run.name={name}", f"training.train_iters={pretrain_iters}")
-    cli(1, "importance", *common, f"run.name={name}")
+    done = lambda run, stage, marker="final.json": os.path.isfile(os.path.join(root, run, stage, marker))  # noqa
+    if not done(name, "pretrain"):
+        cli(1, "pretrain", *common, f"run.name={name}", f"training.train_iters={pretrain_iters}")
+    if not done(name, "importance", "importance.json"):
+        cli(1, "importance", *common, f"run.name={name}")
     parent = os.path.join(root, name, "importance", "checkpoints")
     out = {}
     for layout, (nproc, overrides) in layouts.items():
+        if done(f"{name}_{layout}", "stage1"):
+            out[layout] = os.path.join(root, f"{name}_{layout}", "stage1")
+            continue
         cli(nproc, "stage1", *common, f"run.name={name}_{layout}", f"stage1.teacher={parent}",
             f"stage1.training.init_from={parent}", f"stage1.training.train_iters={steps}", "logging.log_interval=10",
             *overrides)
@@ -93,7 +101,8 @@ def figures(stage_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
     pytest.importorskip("transformer_engine", reason="the proxy runs on TE (PYTHONPATH=/tmp/site-te)")
-    root = str(tmp_path_factory.mktemp("proxy_2gpu"))
+    # run_2gpu.sh keeps the runs in /tmp/proxy_2gpu on the device (a second call continues a cut one)
+    root = os.environ.get("MULTI_GPU_PROXY_ROOT") or str(tmp_path_factory.mktemp("proxy_2gpu"))
     return {layout: figures(d) for layout, d in stage1_runs(root, PROXY, extra=["model.backend=te"]).items()}
 
 
