@@ -34,8 +34,8 @@ ROUTER_TOL = 1e-3  # relative, the router gradient summed over ranks (CPU gloo: 
 LAYOUTS = ["tp2", "tp2etp2", "ep2"]
 
 
-@pytest.fixture(autouse=True)
-def _needs_te():
+@pytest.fixture(scope="module", autouse=True)
+def _needs_te():  # module scope: before the module-scoped runs below
     pytest.importorskip("transformer_engine", reason="the TE path needs transformer_engine (PYTHONPATH=/tmp/site-te)")
 
 
