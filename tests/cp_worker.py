@@ -5,7 +5,10 @@ GPUs). ``cp2`` (2 ranks) writes the student and teacher initial checkpoints (at 
 same weights), then takes one real Trainer step at CP=2 for pretrain (LMTask) and for the elastic stage
 (ElasticTask: sampled budget, router, hard masks, frozen teacher, KD + budget loss). ``cp1`` (1 rank) takes the
 same steps from the same checkpoints. Each returns the step's logged values and every parameter's gradient
-(after megatron's DP x CP reduction, read just before the optimizer step).
+(after megatron's DP x CP reduction, read just before the optimizer step, on the CPU).
+
+``extra`` (recipe overrides) reshapes the run for GPUs (tests/gpu/test_multi_gpu.py: attention layers on
+Transformer Engine, bf16; one GPU per rank, NCCL): the steps themselves are this CPU gloo code as is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ BASE = ["model.pattern=MEME", "model.num_layers=4", "training.seq_length=64", "t
         "training.global_batch_size=2", "training.lr_warmup_iters=0", "training.adam_eps=1.0e-3",
         "logging.tensorboard=false", "elastic.axes.mamba_heads=[]", "elastic.axes.attention_heads=[]",
         "elastic.budgets=[{name: full, fraction: 1.0}, {name: small, fraction: 0.6}]"]
-ELASTIC = ["stage1.training.micro_batch_size=1", "stage1.training.global_batch_size=2", "stage2.budget_weights=[]"]
+ELASTIC = ["stage1.training.micro_batch_size=1", "stage1.training.global_batch_size=2", "stage2.budget_weights=[]",
+           "qad.budget_weights=[]"]  # 2 budgets here: the weights per budget follow
 
 
 def recipe(root: str, name: str, extra: List[str] = ()):
@@ -56,18 +60,19 @@ def one_step(r, stage: str, task) -> Dict:
 
     def step_after_reading_grads():
         for name, p in trainer.model[0].module.named_parameters():
-            grads[name] = p.main_grad.detach().clone()
+            grads[name] = p.main_grad.detach().float().cpu()
         return optimizer_step()
 
     trainer.optimizer.step = step_after_reading_grads
     values = trainer.step()
+    values = {k: float(v) for k, v in values.items()}
     return {"values": values, "grads": grads}
 
 
-def steps(root: str, cp: int) -> Dict:
+def steps(root: str, cp: int, extra: List[str] = ()) -> Dict:
     from megatron.core import parallel_state
 
-    layout = [f"parallelism.cp={cp}"]
+    layout = [f"parallelism.cp={cp}", *extra]
     init = [f"training.init_from={_init(root, 'student')}"]
     out = {}
     r = recipe(root, f"pretrain_cp{cp}", layout + init)
@@ -97,17 +102,20 @@ def recompute_steps(root: str, modes: List[str], extra: List[str] = ()) -> Dict:
     return out
 
 
-def cp2(root: str) -> Dict:
-    write_initial_checkpoints(root)
-    out = steps(root, 2)
+def cp2(root: str, extra: List[str] = (), pp2: bool = True) -> Dict:
+    write_initial_checkpoints(root, extra)
+    out = steps(root, 2, extra)
+    if not pp2:
+        parallel.shutdown()
+        return out
     # PP=2 (1F1B: micro-batch 0's backward runs after micro-batch 1's forward set other masks)
     out["pp2_recompute"] = recompute_steps(root, ["none", "full"], ["parallelism.pp=2"])
     parallel.shutdown()
     return out
 
 
-def cp1(root: str) -> Dict:
-    out = steps(root, 1)
+def cp1(root: str, extra: List[str] = ()) -> Dict:
+    out = steps(root, 1, extra)
     parallel.shutdown()
     return out
 

@@ -54,9 +54,14 @@ def tokens():
     return torch.randint(0, 512, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def forward(model, toks=None):
-    toks = tokens() if toks is None else toks
-    return model(toks, torch.arange(toks.shape[1]).unsqueeze(0).expand_as(toks), None)
+    """Logits of fixed tokens, on the model's device (CPU gloo or one GPU per rank: the same code)."""
+    toks = (tokens() if toks is None else toks).to(device_of(model))
+    return model(toks, torch.arange(toks.shape[1], device=toks.device).unsqueeze(0).expand_as(toks), None)
 
 
 def build_parent(r, elastic: bool = False):
@@ -115,7 +120,7 @@ def _pipeline_forward(model):
         hidden = forward(model)
         dist.send(hidden.contiguous(), nxt)
         return None
-    hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+    hidden = torch.empty(SEQ, BATCH, model.config.hidden_size, device=device_of(model))
     dist.recv(hidden, prev)
     model.set_input_tensor(hidden)
     return forward(model)
@@ -128,9 +133,10 @@ def _router_grad(model, masks, r, teacher: torch.Tensor, layout: str) -> torch.T
 
     from pipeline.elastic.kd import forward_kl
 
+    dev = device_of(model)
     torch.manual_seed(0)  # the same router on every rank
-    router = ElasticRouter(r.elastic, r.model)
-    masks.set_choice(router(1, 1.0, 1.0, hard=True, generator=torch.Generator().manual_seed(4)))
+    router = ElasticRouter(r.elastic, r.model).to(dev)
+    masks.set_choice(router(1, 1.0, 1.0, hard=True, generator=torch.Generator(device=dev).manual_seed(4)))
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     vocab = teacher.shape[-1] // tp
     kd = lambda logits: forward_kl(logits, teacher[..., tp_rank * vocab:(tp_rank + 1) * vocab], None).mean()  # noqa
@@ -143,12 +149,13 @@ def _router_grad(model, masks, r, teacher: torch.Tensor, layout: str) -> torch.T
         dist.recv(grad, ps.get_pipeline_model_parallel_next_rank())
         hidden.backward(grad)
     else:
-        hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+        hidden = torch.empty(SEQ, BATCH, model.config.hidden_size, device=dev)
         dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden.requires_grad_(True))
         kd(forward(model)).backward()
         dist.send(hidden.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
-    grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in router.parameters()])
+    grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
+                      for p in router.parameters()])
     if layout in ("tp2", "tp2etp2", "pp2"):
         dist.all_reduce(grad, group=ps.get_pipeline_model_parallel_group() if layout == "pp2"
                         else ps.get_tensor_model_parallel_group())
@@ -159,16 +166,18 @@ def _router_grad(model, masks, r, teacher: torch.Tensor, layout: str) -> torch.T
     return grad
 
 
-def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
-    """Per layout and subnet, max |masked - sliced| of the logits (on the rank holding full logits)."""
+def masked_vs_sliced(root: str, layouts: List[str], extra: List[str] = ()) -> Dict:
+    """Per layout and subnet, max |masked - sliced| of the logits (on the rank holding full logits).
+    ``extra``: recipe overrides for every model here (``model.backend=te`` on GPUs: tests/gpu/test_multi_gpu.py);
+    on GPUs each rank runs on its own device through NCCL, the rest is the CPU gloo code as is."""
     from pipeline.hf.memory import hf_state_from_model
     from pipeline.training import checkpoint
 
-    base = [f"run.root={root}", "elastic.axes.depth=[8, 5]"]
+    base = [f"run.root={root}", "elastic.axes.depth=[8, 5]", *extra]
     r = recipe(base)
     parallel.initialize(r)  # TP = PP = 1, DP = 2: both ranks build the same parent
     parent = build_parent(r, elastic=True)
-    hf = hf_state_from_model(parent, r.model)
+    hf = {k: v.cpu() for k, v in hf_state_from_model(parent, r.model).items()}
     refs = {name: sliced_logits(r, hf, subnet(r.model, name)) for name in SUBNETS}
     with torch.no_grad():
         refs["parent"] = forward(parent)
@@ -177,7 +186,8 @@ def masked_vs_sliced(root: str, layouts: List[str]) -> Dict:
     ref_grad = _router_grad(parent, ElasticMasks(parent, r.model, r.elastic.axes, REMOVAL_ORDER), r,
                             refs["parent"], "tp1")
     # guards the comparisons against 0 == 0: every subnet changes the logits, the router gets a gradient
-    out = {"subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS),
+    out = {"logit_scale": float(refs["parent"].abs().max()),
+           "subnet_effect": min(float((refs[n] - refs["parent"]).abs().max()) for n in SUBNETS),
            "router_grad_norm": float(ref_grad.norm()), "router_grad_diff": {}}
     for layout in layouts:
         rl = recipe(base + LAYOUTS[layout])

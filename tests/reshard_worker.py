@@ -3,6 +3,8 @@
 ``save_layouts`` (2 ranks) builds the tiny model fresh at TP=2 (+SP), EP=2 and PP=2, records its full-vocab
 logits on fixed tokens and saves it with ``pipeline.training.checkpoint.save``; ``load_single`` (1 rank) builds
 the model at TP=1 with another seed, records its logits, loads each checkpoint and records them again.
+``load_at`` does the same at another 2-rank layout (TP=2 -> EP=2). ``names`` picks layouts, ``extra`` adds recipe
+overrides (``model.backend=te`` on GPUs, tests/gpu/test_multi_gpu.py); logits come back on the CPU.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def recipe(root: str, name: str, extra: List[str] = ()):
 def logits(model, vocab: int) -> Optional[torch.Tensor]:
     """Full-vocab logits [BATCH, SEQ, vocab] of fixed tokens on the last stage (None on others), through
     megatron's forward-only schedule so PP stages pass activations as in training."""
-    tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    device = next(model.parameters()).device  # CPU gloo or this rank's GPU: the same code
+    tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(SEQ, device=device).expand(BATCH, SEQ)
 
     def forward_step(data_iterator, chunk):
         next(data_iterator)
@@ -46,7 +49,7 @@ def logits(model, vocab: int) -> Optional[torch.Tensor]:
 
         def gather(output):  # vocab-parallel shards -> full vocab
             full = tensor_parallel.gather_from_tensor_model_parallel_region(output)
-            return output.new_zeros(()), {"logits": full.detach().clone()}
+            return output.new_zeros(()), {"logits": full.detach().float().cpu()}
 
         return out, gather
 
@@ -58,10 +61,11 @@ def logits(model, vocab: int) -> Optional[torch.Tensor]:
     return stored[0]["logits"] if parallel_state.is_pipeline_last_stage() else None
 
 
-def save_layouts(root: str) -> Dict[str, Optional[torch.Tensor]]:
+def save_layouts(root: str, names: List[str] = tuple(LAYOUTS),
+                 extra: List[str] = ()) -> Dict[str, Optional[torch.Tensor]]:
     out = {}
-    for name, extra in LAYOUTS.items():
-        r = recipe(root, name, [*extra, f"run.seed={SAVE_SEED}"])
+    for name in names:
+        r = recipe(root, name, [*LAYOUTS[name], *extra, f"run.seed={SAVE_SEED}"])
         parallel.initialize(r)
         model = build_model(r)
         out[name] = logits(model, r.model.vocab_size)
@@ -70,11 +74,18 @@ def save_layouts(root: str) -> Dict[str, Optional[torch.Tensor]]:
     return out
 
 
-def load_single(root: str) -> Dict[str, Dict[str, torch.Tensor]]:
+def load_single(root: str, names: List[str] = tuple(LAYOUTS),
+                extra: List[str] = ()) -> Dict[str, Dict[str, torch.Tensor]]:
+    return load_at(root, "tp1", names, extra)
+
+
+def load_at(root: str, layout: str, names: List[str], extra: List[str] = ()) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Each named checkpoint loaded into a model built at ``layout`` (``tp1`` or a LAYOUTS key) with the recipe's
+    seed: its logits before and after loading."""
     out = {}
-    r = recipe(root, "tp1")
+    r = recipe(root, layout, [*LAYOUTS.get(layout, []), *extra])
     parallel.initialize(r)
-    for name in LAYOUTS:
+    for name in names:
         model = build_model(r)
         before = logits(model, r.model.vocab_size)
         checkpoint.load(checkpoint.iter_dir(os.path.join(root, name), 0), [model], load_rng=False)
