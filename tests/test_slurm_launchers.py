@@ -2,6 +2,7 @@
 stage chaining, per-stage resources, user errors, the nemo-run dry run of the same job, the Makefile's stage
 targets, and real 2-rank runs through launchers/local.sh and nemo-run's LocalExecutor."""
 
+import io
 import json
 import os
 import shlex
@@ -106,7 +107,9 @@ def test_submit_without_sbatch_is_a_user_error(monkeypatch):
 @pytest.fixture
 def nemo(monkeypatch):
     pytest.importorskip("nemo_run")
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # nemo-run's local tunnel (invoke) reads stdin
+    # nemo-run's local tunnel (invoke) reads stdin: an empty stream without a file descriptor, which invoke reads
+    # without select() (a real /dev/null opened late in a long pytest process can get an fd >= 1024, too high for it)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     from launchers.nemo import run_stages
 
     return run_stages
