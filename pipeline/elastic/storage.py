@@ -32,10 +32,13 @@ def sliced_shapes(model: ModelConfig, subnet: Subnet) -> Dict[str, Tuple[Tuple[i
 
 
 def storage_report(model: ModelConfig, budgets: List[ResolvedBudget], dtype_bytes: int = 2,
-                   element_bytes: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
-    """Bytes of the elastic checkpoint (the full model once) and of each budget's standalone model."""
+                   element_bytes: Optional[Dict[str, int]] = None, size=None) -> Dict[str, Any]:
+    """Bytes of the elastic checkpoint (the full model once) and of each budget's standalone model.
+    ``size(name, shape)``: the bytes one tensor takes (default: elements x its dtype's bytes; quant/storage.py
+    passes the quantised sizes)."""
     element_bytes = element_bytes or {}
-    size = lambda name, shape: prod(shape) * element_bytes.get(name, dtype_bytes)  # noqa: E731
+    if size is None:
+        size = lambda name, shape: prod(shape) * element_bytes.get(name, dtype_bytes)  # noqa: E731
     full = hf_shapes(model)
     rows = []
     for b in budgets:

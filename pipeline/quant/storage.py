@@ -11,8 +11,7 @@ from __future__ import annotations
 from math import prod
 from typing import Dict, List, Optional
 
-from pipeline.elastic.storage import sliced_shapes
-from pipeline.hf.mapping import hf_shapes
+from pipeline.elastic.storage import storage_report
 from pipeline.quant.spec import BLOCK, hf_linears, is_quantized
 
 
@@ -30,20 +29,9 @@ def tensor_size(name: str, shape, model, fmt: Optional[str], q, dtype_bytes: flo
 
 def quant_storage_report(model, budgets: List, fmt: Optional[str], q, dtype_bytes: float = 2,
                          element_bytes: Optional[Dict[str, int]] = None) -> Dict:
-    full = hf_shapes(model)
     linears = set(hf_linears(model))
+
     def size(name, shape):
         return tensor_size(name, shape, model, fmt, q, dtype_bytes, element_bytes, linears)
 
-    rows = []
-    for b in budgets:
-        shapes = sliced_shapes(model, b.subnet)
-        rows.append({"name": b.name, "subnet": b.subnet.to_json(),
-                     "elements": sum(prod(s) for s, _ in shapes.values()),
-                     "bytes": sum(size(parent, s) for s, parent in shapes.values())})
-    separate = sum(r["bytes"] for r in rows)
-    elastic = sum(size(n, s) for n, s in full.items())
-    return {"format": fmt or "bf16", "dtype_bytes": dtype_bytes,
-            "elastic_elements": sum(prod(s) for s in full.values()),
-            "elastic_bytes": elastic, "budgets": rows, "separate_bytes": separate,
-            "saved_fraction": 1.0 - elastic / separate if separate else 0.0}
+    return {"format": fmt or "bf16", **storage_report(model, budgets, dtype_bytes, element_bytes, size=size)}
