@@ -27,7 +27,8 @@ from pipeline.elastic.masks import ElasticMasks
 from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.subnet import BUDGETS_FILE
 from pipeline.elastic.task import model_precision_output
-from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
+from pipeline.elastic.teacher import (build_teacher, double_hidden_shapes, freeze_expert_bias, split_stage_input,
+                                      teacher_source)
 from pipeline.errors import UserError
 from pipeline.training.task import Task, check_document_mask, context_parallel_shard, mean_logs, token_mean
 
@@ -73,17 +74,11 @@ class DistillTask(Task):
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         check_document_mask(self.recipe, self.stage)
         model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8, trainable=True)
-        for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
-            router.frozen_expert_bias = True  # masked experts see no tokens: keep the parent's routing
+        freeze_expert_bias(model)
         return model
 
     def setup(self, model_chunks, device) -> None:
-        from pipeline.training.loop import resolve_init
-
-        try:
-            src = resolve_init(self.recipe, self.cfg.teacher)
-        except UserError as e:
-            raise UserError(f"distill.teacher: {str(e).split(': ', 1)[-1]}") from None
+        src = teacher_source(self.recipe, "distill.teacher", self.cfg.teacher)
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
         self.teacher = build_teacher(self.recipe, src, bf16, self.cfg.training.fp8)
         self.masks = ElasticMasks(model_chunks[0], self.recipe.model, self.recipe.elastic.axes)

@@ -43,7 +43,8 @@ from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router import ElasticRouter, fetch_to_host, logit_scale_at, tau_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
 from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
-from pipeline.elastic.teacher import build_teacher, double_hidden_shapes, split_stage_input
+from pipeline.elastic.teacher import (build_teacher, double_hidden_shapes, freeze_expert_bias, split_stage_input,
+                                      teacher_source)
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
 from pipeline.training.task import Task, check_document_mask, context_parallel_shard, mean_logs, token_mean
@@ -101,8 +102,7 @@ class ElasticTask(Task):
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         check_document_mask(self.recipe, self.stage)
         model = build_elastic_model(self.recipe, dtype, fp8=self.cfg.training.fp8, trainable=True)
-        for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
-            router.frozen_expert_bias = True
+        freeze_expert_bias(model)
         self.slot = attach(model, ElasticRouter(self.recipe.elastic, self.recipe.model), self.recipe.run.seed)
         return model
 
@@ -113,12 +113,7 @@ class ElasticTask(Task):
         return {ParamKey(name=f"*{SLOT}*"): {"max_lr": t.lr * mult, "min_lr": t.min_lr * mult}}
 
     def setup(self, model_chunks, device) -> None:
-        from pipeline.training.loop import resolve_init
-
-        try:
-            src = resolve_init(self.recipe, self.cfg.teacher)
-        except UserError as e:
-            raise UserError(f"{self.stage}.teacher: {str(e).split(': ', 1)[-1]}") from None
+        src = teacher_source(self.recipe, f"{self.stage}.teacher", self.cfg.teacher)
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
         self.attach(model_chunks, build_teacher(self.recipe, src, bf16, self.cfg.training.fp8), device)
         self.teacher_src = src

@@ -18,8 +18,26 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
 from pipeline.config.schema import Recipe
+from pipeline.errors import UserError
 from pipeline.model.build import build_model
 from pipeline.training import checkpoint
+
+
+def freeze_expert_bias(model: torch.nn.Module) -> None:
+    """Keep the parent's MoE routing: masked experts see no tokens, and an updated expert bias would drift the full
+    model's routing away from the teacher's (students and teachers alike)."""
+    for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
+        router.frozen_expert_bias = True
+
+
+def teacher_source(recipe: Recipe, key: str, value: str) -> str:
+    """The checkpoint dir a ``<section>.teacher`` names (a stage or a path); a bad one is an error on ``key``."""
+    from pipeline.training.loop import resolve_init
+
+    try:
+        return resolve_init(recipe, value)
+    except UserError as e:
+        raise UserError(f"{key}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def build_teacher(recipe: Recipe, ckpt: str, bf16: bool, fp8: str = "none") -> torch.nn.Module:
@@ -27,8 +45,7 @@ def build_teacher(recipe: Recipe, ckpt: str, bf16: bool, fp8: str = "none") -> t
     student's ``training.fp8`` recipe (the teacher's forward runs in FP8 too)."""
     model = build_model(recipe, torch.bfloat16 if bf16 else torch.float32, fp8=fp8)
     checkpoint.load(ckpt, [model], load_rng=False)
-    for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
-        router.frozen_expert_bias = True
+    freeze_expert_bias(model)
     model.requires_grad_(False)
     model.eval()
     return Float16Module(model.config, model) if bf16 else model

@@ -32,7 +32,7 @@ from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.router_slot import SLOT
 from pipeline.elastic.subnet import BUDGETS_FILE
 from pipeline.elastic.task import model_precision_output
-from pipeline.elastic.teacher import double_hidden_shapes, split_stage_input
+from pipeline.elastic.teacher import double_hidden_shapes, freeze_expert_bias, split_stage_input, teacher_source
 from pipeline.errors import UserError
 from pipeline.quant import calib
 from pipeline.quant.modules import FakeQuant, local_backend
@@ -64,8 +64,7 @@ def frozen_elastic(recipe, ckpt: str, bf16: bool) -> torch.nn.Module:
     """The BF16 elastic teacher (stage 2's weights, no router), frozen, this rank's pipeline stage."""
     model = build_quant_model(recipe, torch.bfloat16 if bf16 else torch.float32)
     checkpoint.load(ckpt, [model], load_rng=False, missing_ok=(SLOT,))
-    for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
-        router.frozen_expert_bias = True
+    freeze_expert_bias(model)
     model.requires_grad_(False)
     model.eval()
     return Float16Module(model.config, model) if bf16 else model
@@ -90,17 +89,13 @@ class QADTask(Task):
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         check_document_mask(local_backend(self.recipe), self.stage)
         model = build_quant_model(self.recipe, dtype, trainable=True)
-        for router in (m for m in model.modules() if hasattr(m, "expert_bias")):
-            router.frozen_expert_bias = True  # masked experts see no tokens: keep the routing of stage 2
+        freeze_expert_bias(model)
         return model
 
     def setup(self, model_chunks, device) -> None:
-        from pipeline.training.loop import resolve_init, stage_dir
+        from pipeline.training.loop import stage_dir
 
-        try:
-            src = resolve_init(self.recipe, self.q.teacher)
-        except UserError as e:
-            raise UserError(f"qad.teacher: {str(e).split(': ', 1)[-1]}") from None
+        src = teacher_source(self.recipe, "qad.teacher", self.q.teacher)
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
         self.attach(model_chunks[0], frozen_elastic(self.recipe, src, bf16))
         path = os.path.join(stage_dir(self.recipe, self.stage), calib.SCALES_FILE)
