@@ -30,8 +30,10 @@ setup:            ## make .venv and install the pinned CPU stack + the project (
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "numpy<2.5" torch==2.13.0
+	# megatron-core 0.19 declares Python >= 3.12 but runs on 3.11; only it gets --ignore-requires-python (on the
+	# rest, the flag lets pip pick releases without 3.11 wheels and build them from source, e.g. scipy 1.18)
 	$(PY) -m pip install -q --ignore-requires-python "megatron-core==0.19.2"
-	$(PY) -m pip install -q --ignore-requires-python -e ".[test,launch]"
+	$(PY) -m pip install -q -e ".[test,launch]"
 	touch .venv/.installed
 
 .venv/.installed:  # `make demo` / `make test` on a fresh clone set up first
