@@ -13,7 +13,7 @@ import datetime
 import json
 import math
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 ARMS = ("parent", "elastic", "independent", "untrained")
 
@@ -76,6 +76,21 @@ def build_results(study, read_json: Callable) -> Dict:
     return results
 
 
+def loss_catch_up(elastic_loss: float, points) -> Optional[float]:
+    """The token multiple k at which the independent arm's validation loss first reaches the elastic one, linear in
+    k between the tried multiples that bracket it (the first tried k if it already does; None if none does). With
+    accuracy at 0 on small models, the loss is what still separates the arms."""
+    prev = None
+    for k, loss in sorted(points):
+        if loss <= elastic_loss:
+            if prev is None or prev[1] == loss:
+                return float(k)
+            (k0, l0) = prev
+            return k0 + (k - k0) * (l0 - elastic_loss) / (l0 - loss)
+        prev = (k, loss)
+    return None
+
+
 def checks(res: Dict, budgets: List[str]) -> Dict:
     """Issue 19's "must show" items, computed (the reading of them is docs/quality.md's, after the GPU run)."""
     rows = res["rows"]
@@ -94,7 +109,9 @@ def checks(res: Dict, budgets: List[str]) -> Dict:
             per_k[f"{k:g}"] = {"accuracy_delta": e["accuracy"] - i["accuracy"], "loss_delta": e["val_loss"] - i["val_loss"],
                                "elastic_at_least_as_accurate": e["accuracy"] >= i["accuracy"]}
         catch = [k for k in ks if get("independent", b, k)["accuracy"] >= e["accuracy"]]
-        out["elastic_vs_independent"][b] = {"per_k": per_k, "independent_catches_up_at_k": min(catch) if catch else None}
+        out["elastic_vs_independent"][b] = {
+            "per_k": per_k, "independent_catches_up_at_k": min(catch) if catch else None,
+            "loss_catch_up_k": loss_catch_up(e["val_loss"], [(k, get("independent", b, k)["val_loss"]) for k in ks])}
     for q in res["quant"]:
         out["quant"][q["name"]] = {"fp8_within_1pct": abs(q["fp8_vs_bf16"]) <= 0.01,
                                    "qad_closes_two_thirds": (not math.isnan(q["gap_closed"])) and q["gap_closed"] >= 2 / 3}
@@ -149,8 +166,10 @@ def markdown(res: Dict) -> str:
     lines += [f"- elastic {b} accuracy - parent: {v:+.3f}" for b, v in c["elastic_vs_parent_accuracy"].items()]
     for b, v in c["elastic_vs_independent"].items():
         per = "; ".join(f"k={k}: accuracy {x['accuracy_delta']:+.3f}, loss {x['loss_delta']:+.4f}" for k, x in v["per_k"].items())
+        lk = v["loss_catch_up_k"]
         lines.append(f"- elastic - independent at {b}: {per}; independent catches up at k = "
-                     f"{v['independent_catches_up_at_k'] if v['independent_catches_up_at_k'] is not None else 'none tried'}")
+                     f"{v['independent_catches_up_at_k'] if v['independent_catches_up_at_k'] is not None else 'none tried'}"
+                     f" (accuracy), k ~ {f'{lk:.2f}' if lk is not None else 'none tried'} (validation loss, interpolated)")
     lines += [f"- {b}: FP8 PTQ within 1%: {'yes' if v['fp8_within_1pct'] else 'no'}; NVFP4 QAD closes >= 2/3 of the "
               f"PTQ gap: {'yes' if v['qad_closes_two_thirds'] else 'no'}" for b, v in c["quant"].items()]
     lines.append(f"- think small -> answer large faster than full->full at >= its accuracy: "

@@ -92,6 +92,8 @@ def test_table_has_every_arm_and_size_with_the_planted_numbers(tmp_path):
     assert c["elastic_vs_parent_accuracy"]["small"] == pytest.approx(-0.5)
     assert c["elastic_vs_independent"]["medium"]["independent_catches_up_at_k"] == 2.0
     assert c["elastic_vs_independent"]["small"]["per_k"]["1"]["elastic_at_least_as_accurate"] is True
+    # loss: medium's independent runs (1.4, 1.5) never reach the elastic 1.2
+    assert c["elastic_vs_independent"]["medium"]["loss_catch_up_k"] is None
     assert c["quant"]["full"] == {"fp8_within_1pct": True, "qad_closes_two_thirds": True}
     assert c["quant"]["small"]["qad_closes_two_thirds"] is False
     assert c["think_small_beats_full"] == ["small->full"]
@@ -173,3 +175,11 @@ def test_the_study_command_runs_end_to_end_at_tiny_scale(tmp_path):
                           f"distill.budgets_from={tmp_path / 'study_tiny' / 'stage2'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: distill.budget = 'tiny'")
+
+
+def test_loss_catch_up_interpolates_between_the_bracketing_multiples():
+    # the tiny CPU preview's medium row (docs/quality.md): elastic 1.3579 between k=0.5 (1.3821) and k=1 (1.3232)
+    pts = [(1.0, 1.3232), (0.25, 1.4477), (0.5, 1.3821)]
+    assert study_table.loss_catch_up(1.3579, pts) == pytest.approx(0.5 + 0.5 * (1.3821 - 1.3579) / (1.3821 - 1.3232))
+    assert study_table.loss_catch_up(1.5, pts) == 0.25
+    assert study_table.loss_catch_up(1.3, pts) is None
