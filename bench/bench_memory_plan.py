@@ -3,8 +3,8 @@
     python bench/bench_memory_plan.py [--recipe recipes/proxy_1b.yaml] [--out memory_plan.json]
 
 For pretrain and stage 1 (the elastic step: router, masks, frozen teacher, KD), with and without full
-recompute, at seq 4096 and at the longest sequence (of 8K, 16K, 32K, 64K) the plan says fits this GPU: one
-real Trainer step (megatron schedule, DDP, optimizer, so Adam's state exists) in a fresh process per case,
+recompute, at seq 4096 and at the longest sequence (of 8K, 16K, 32K, 64K) the plan says fits this GPU: two
+real Trainer steps (megatron schedule, DDP, optimizer; the second runs with Adam's state) in a fresh process per case,
 micro-batch 1, bf16; measured = ``torch.cuda.max_memory_allocated()`` from before the model is built to after
 the step. Prints one row per case with measured / plan (target: within 10%), and the plan's terms of the
 case furthest off. Each case runs in its own process (~20-40 s each on an H100/H200).
@@ -61,7 +61,8 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
         task = LMTask(r, stage)
     trainer = Trainer(r, stage, task)
     trainer.setup()
-    trainer.step()
+    trainer.step()  # Adam's m and v come to exist in the first step's optimizer update, after the backward:
+    trainer.step()  # only the second step's forward and backward hold them beside the activations (the plan)
     measured = torch.cuda.max_memory_allocated() if gpu else 0
     mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0,
               te=use_te(r.model))  # the backend this machine resolves auto to

@@ -35,3 +35,40 @@ def test_async_saved_checkpoint_resumes_exactly(tmp_path, capsys):
     for step in (3, 4):
         assert got[step]["loss"] == want[step]["loss"] and got[step]["grad_norm"] == want[step]["grad_norm"], step
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+WRITER = r"""
+import os, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from pipeline.compat import cpu
+cpu.apply()
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from pipeline.training import checkpoint
+dist.init_process_group("gloo", init_method="file://" + os.path.join(sys.argv[2], "pg"), rank=0, world_size=1)
+checkpoint._thread_results_queue(async_save=True)
+sd = {f"t{i}": ShardedTensor.from_rank_offsets(f"t{i}", torch.full((4,), float(i))) for i in range(3000)}
+d, calls = tempfile.mkdtemp(dir=sys.argv[2]), AsyncCallsQueue()
+calls.schedule_async_request(dist_checkpointing.save(sd, d, async_sharded_save=True, async_strategy="mcore"))
+calls.maybe_finalize_async_calls(blocking=True)
+calls.close()
+back = dist_checkpointing.load({k: ShardedTensor.from_rank_offsets(k, torch.empty(4)) for k in sd}, d)
+assert all(torch.equal(back[k], v.data) for k, v in sd.items())
+print("written", len(back))
+"""
+
+
+def test_async_save_of_thousands_of_tensors_finishes(tmp_path):
+    """The async writer returns one write result per tensor through the results queue; with a plain
+    multiprocessing queue, past ~2,000 tensors (the 1.1B proxy with its optimizer state) the writer blocked on
+    the full pipe and the trainer waited for it forever (seen on the H200). 3,000 tensors must finish."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", WRITER, ROOT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "written 3000" in proc.stdout, proc.stderr[-2000:]

@@ -12,7 +12,6 @@ are restored only at the same world size.
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.queues
 import os
 import queue
 import re
@@ -68,13 +67,22 @@ def resolve(path_or_root: str) -> str:
     return d
 
 
+_ASYNC_MANAGER = None  # the fork-context manager process that holds the async writer's results queue
+
+
 def _thread_results_queue(async_save: bool = False) -> None:
     # Synchronous saves write from threads; megatron still creates a spawn-context Manager queue for them
     # (7 s per process and a __main__ guard requirement). A thread-safe queue is all they need. An async save
-    # writes from a forked process: a fork-context queue, created before the fork, reaches back to this one.
+    # writes from a forked process, which puts its write results on this queue and exits: a plain
+    # multiprocessing.Queue deadlocks once those results outgrow the pipe buffer (64 KiB, ~2,000 tensors; the
+    # writer cannot exit until someone reads, and the trainer reads only after it exits: seen on the 1.1B proxy),
+    # so the queue lives in a manager process (fork context: started in milliseconds, once per process).
+    global _ASYNC_MANAGER
     current = filesystem_async._results_queue
-    if async_save and not isinstance(current, multiprocessing.queues.Queue):
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    if async_save and (current is None or isinstance(current, queue.Queue)):
+        if _ASYNC_MANAGER is None:
+            _ASYNC_MANAGER = multiprocessing.get_context("fork").Manager()
+        filesystem_async._results_queue = _ASYNC_MANAGER.Queue()
     elif current is None:
         filesystem_async._results_queue = queue.Queue()
 

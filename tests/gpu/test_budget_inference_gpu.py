@@ -56,8 +56,24 @@ def test_views_on_gpu_equal_sliced_and_add_no_memory(tmp_path, record):
         record(f"{n}: max |views - sliced| bf16 logits", {"max_abs": d, "equal": bool(torch.equal(a, b)),
                                                           "logit_scale": a.abs().max().item()})
         assert d <= 0.05 * max(1.0, a.abs().max().item())
-    record("CUDA bytes allocated by building every budget's view (index vectors only)", grown)
-    assert grown < 0.01 * parameter_bytes([family.full])
+    index = index_vector_bytes(views.values())
+    record("CUDA bytes allocated by building every budget's view", {"grown": grown, "index_vectors": index})
+    # The only new allocations are the gather index vectors (the tiny model is so small that they are 2.4% of
+    # it: a relative bound would fail on size alone; measured on the H200: 44,032 = 56 vectors, 512-byte blocks)
+    assert grown <= index
+
+
+def index_vector_bytes(models) -> int:
+    """CUDA bytes of the views' gather index vectors, each rounded up to the caching allocator's 512-byte block."""
+    from pipeline.inference.views import Gather
+
+    total = 0
+    for m in models:
+        for mod in m.modules():
+            if isinstance(mod, Gather):
+                total += sum(-(-k.numel() * k.element_size() // 512) * 512 for k in mod.cut
+                             if isinstance(k, torch.Tensor))
+    return total
 
 
 @pytest.fixture(scope="module")
