@@ -11,9 +11,10 @@ megatron optimizer step. pretrain: the plain student, next-token loss. plain KD:
 teacher (same architecture), the chunked vocab-parallel KD loss. elastic: the elastic student (router, nested
 masks, hard choices, budget loss) with that teacher and loss: what stage 1 runs. Weights are random (the cost does
 not depend on them). FLOPs per token: ``pipeline.training.metrics.flops_per_token`` (docs/throughput.md). Peak
-memory is ``torch.cuda.max_memory_allocated`` over the timed steps, with the models of that step alone resident
-(the plain student is freed before the elastic one is built). ``--memory-seq``: the elastic vs plain KD peak
-memory at that sequence length (micro-batch size scaled to keep the tokens per micro-batch), first combination.
+memory is ``torch.cuda.max_memory_allocated`` over the timed steps above what was allocated before that step's
+student was built, plus the teacher: megatron's DDP keeps a deleted model's tensors allocated, so the plain
+student would otherwise count in the elastic step's peak (it did, by 18.5 GiB, on the H200 on 2026-12-03).
+``--memory-seq``: the elastic vs plain KD peak memory at that sequence length (micro-batch size scaled to keep the tokens per micro-batch), first combination.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ def kd_task(base, teacher, chunk: int, temperature: float):
     return task
 
 
+def allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int):
     from pipeline.elastic.task import ElasticTask
     from pipeline.training import metrics
@@ -184,27 +189,40 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
     lm = LMTask(recipe, "stage1")
     lm.device = device
     teacher = None
+
+    def own(measured, base, resident=0):
+        """(seconds, this step's models' peak): megatron's DDP keeps a deleted model's tensors alive (its grad
+        hooks sit on autograd nodes outside Python's garbage collector: on CPU, weakrefs to the plain student,
+        its DDP wrapper and optimizer survive ``del`` + ``gc.collect()``), so the peak is taken above what was
+        allocated before this step's student was built, plus ``resident`` (a teacher built before that)."""
+        seconds, peak = measured
+        return seconds, peak - base + resident
+
     if "pretrain" in kinds or "kd" in kinds:
+        base = allocated_gib()
         ddp, opt = bench.trained(lm, bf16)
         if "pretrain" in kinds:
-            record("pretrain", *bench.measure(ddp, opt, lm, batches, seq, mbs), teacher=False)
+            record("pretrain", *own(bench.measure(ddp, opt, lm, batches, seq, mbs), base), teacher=False)
             if args.save_stall:
                 save_stall(args.save_stall, ddp, opt, bench.sync)
                 args.save_stall = ""  # once, for the first combination
         teacher = bench.teacher(bf16)
         if "kd" in kinds:
             kd = kd_task(lm, teacher, chunk, e.kd_temperature)
-            record("kd", *bench.measure(ddp, opt, kd, batches, seq, mbs), teacher=True)
+            record("kd", *own(bench.measure(ddp, opt, kd, batches, seq, mbs), base), teacher=True)
         del ddp, opt
-        gc.collect()  # the plain student's weights, grads and optimizer state leave before the elastic one comes
+        gc.collect()  # what Python holds of the plain student (its tensors may stay allocated: see own())
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if "elastic" in kinds:
         teacher = teacher if teacher is not None else bench.teacher(bf16)
         task = ElasticTask(recipe, "stage1")
+        base = allocated_gib()
         ddp, opt = bench.trained(task, bf16)
         task.attach([ddp], teacher, device)
-        record("elastic", *bench.measure(ddp, opt, task, batches, seq, mbs), teacher=True)
+        resident = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
+        record("elastic", *own(bench.measure(ddp, opt, task, batches, seq, mbs), base, resident / 2**30),
+               teacher=True)
         del ddp, opt, task
     del teacher
     gc.collect()
