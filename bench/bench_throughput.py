@@ -4,6 +4,7 @@ MFU and peak memory, per backend (megatron local / Transformer Engine) and preci
     python bench/bench_throughput.py --recipe recipes/proxy_1b.yaml              # H200: every combination + seq 8192
     python bench/bench_throughput.py --recipe recipes/tiny.yaml --steps 1 --memory-seq 0   # CPU smoke check
     ... --save-stall /tmp/ckpt        # + the step stall of a checkpoint save, sync vs async
+    ... --profile 25                  # + each step kind's 25 most expensive kernels (torch.profiler)
 
 Each step is a full training step as ``pipeline.training.loop.Trainer`` runs it: megatron DDP (overlap as in
 the recipe), the forward-backward schedule over ``--micro-batches`` micro-batches of the stage-1 shape, the
@@ -123,7 +124,21 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        if self.args.profile:
+            self.profile(step, self.warmup + self.args.steps)
         return statistics.median(times), peak
+
+    def profile(self, step, i: int) -> None:
+        """One more step under torch.profiler: the top kernels (GPU) or operators (CPU) by self time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as prof:
+            step(i)
+            self.sync()
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=self.args.profile, max_name_column_width=60),
+              flush=True)
 
 
 def kd_task(base, teacher, chunk: int, temperature: float):
@@ -277,6 +292,8 @@ def main() -> None:
                     "sequence length (0: skip)")
     ap.add_argument("--save-stall", default="", metavar="DIR", help="also time a checkpoint save of the pretrain "
                     "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, profile one more "
+                    "step of each kind and print its N most expensive kernels (GPU) or operators (CPU)")
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()

@@ -87,8 +87,8 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         out["ssm"] = di + nh  # scan output, dt
         out["gated_norm"] = 3 * di  # y and z copies, output (out_proj's input)
         out["fp32"] = nh + z["gn"] / tp / max(recipe.model.mamba_state_dim, 1)  # dA_cumsum, rstd per group
-        if elastic:
-            out["elastic"] = di + hs  # masked norm input, masked residual delta
+        if elastic:  # the residual delta the hidden mask multiplies (masked inputs keep no copy: masks/saving.py)
+            out["elastic"] = hs
         return out
     if sym == "*":
         nq, ng, hd = z["nq"] / tp, z["ng"] / tp, z["hd"]
@@ -104,7 +104,7 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
             out.pop("fp32", None)
         out["core_attn"] = core
         if elastic:
-            out["elastic"] = nq * hd + hs
+            out["elastic"] = hs
         return out
     if sym == "E":
         k, f, sf = z["k"], z["f"] / etp, z["sf"] / tp
@@ -119,12 +119,14 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         out["experts"] = experts
         out["shared_expert"] = 0.0 if (sel and "shared_experts" in modules) else 2 * sf
         if elastic:
-            out["elastic"] = k * tok * f + sf + hs
+            out["elastic"] = hs
         return out
     if sym == "-":
         ffn = z["ffn"] / tp
         out["norm"] = 2 * hs
         out["mlp"] = 0.0 if (sel and "mlp" in modules) else 2 * ffn
+        if elastic:
+            out["elastic"] = hs
         return out
     raise ValueError(sym)
 

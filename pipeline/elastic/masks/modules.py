@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from pipeline.elastic.masks.saving import masked_input, scaled
 from pipeline.model.norm import RMSNorm
 
 
@@ -87,8 +88,8 @@ class EpsScaledNorm:
         scale = torch.sqrt((mask.float().sum() if self.elastic_count is None else self.elastic_count) / d)
         if isinstance(out, tuple):  # megatron's linears return (output, bias)
             y, bias = out
-            return y * scale.to(y.dtype), None if bias is None else bias * scale.to(bias.dtype)
-        return out * scale.to(out.dtype)
+            return scaled(y, scale), None if bias is None else bias * scale.to(bias.dtype)
+        return scaled(out, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,9 +128,10 @@ class InputMasked:
         self.elastic_mask = None if full is None else local_shard(full, group)
 
     def forward(self, x, *args, **kwargs):
-        if self.elastic_mask is not None:
-            x = x * self.elastic_mask.to(x.dtype)
-        return super().forward(x, *args, **kwargs)
+        if self.elastic_mask is None:
+            return super().forward(x, *args, **kwargs)
+        with masked_input(x, self.elastic_mask.to(x.dtype)) as masked:  # the linear keeps x, not a masked copy
+            return super().forward(masked, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,11 +159,12 @@ class GroupMaskedGatedNorm:
         eps = self.eps
         self.eps = eps * self.elastic_share
         try:
-            y = super().forward(x * mask.to(x.dtype), z)
+            with masked_input(x, mask.to(x.dtype)) as masked:  # the norm kernel keeps x, not a masked copy
+                y = super().forward(masked, z)
         finally:
             self.eps = eps
         share = mask.float().sum() / mask.numel()  # = elastic_share, as a tensor: the router's gradient path
-        return y * torch.sqrt(share).to(y.dtype)
+        return scaled(y, torch.sqrt(share))
 
 
 @functools.lru_cache(maxsize=None)

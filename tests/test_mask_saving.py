@@ -1,0 +1,110 @@
+"""Mask arithmetic that keeps no activation copy of its own (pipeline/elastic/masks/saving.py).
+
+- ``masked_input``: the consumer of ``x * m`` does not keep the product alive (a weak reference to it dies once
+  the caller drops it, the graph still waiting for its backward); with ``SAVE_MEMORY`` off it does (the
+  reference case, so the check can fail); gradients equal plain autograd's bit for bit;
+- ``scaled``: ``y * s`` keeps its output, not ``y``; gradients equal plain autograd's (the scale's to rounding);
+- the tiny elastic model, a hard router choice at the medium budget: every parameter's gradient, the router's
+  included, equals the plain-autograd model's (fp32, CPU).
+"""
+
+import dataclasses
+import gc
+import weakref
+
+import torch
+
+from pipeline.elastic.masks import saving
+
+
+def _masked_linear():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=g).requires_grad_()
+    m = (torch.arange(32) < 20).float().requires_grad_()  # a hard prefix mask: its gradient needs x beyond 20
+    w = torch.randn(8, 32, generator=g).requires_grad_()
+    with saving.masked_input(x, m) as product:
+        out = torch.nn.functional.linear(product, w)
+    alive = weakref.ref(product)
+    del product
+    gc.collect()
+    kept = alive() is not None  # before the backward, which frees what the graph kept
+    out.pow(2).sum().backward()
+    return kept, out.detach(), x.grad, m.grad, w.grad
+
+
+def test_masked_input_keeps_x_not_the_product():
+    kept, *got = _masked_linear()
+    assert not kept  # dropped before the backward ran: only x and m were kept
+    saving.SAVE_MEMORY = False
+    try:
+        kept_ref, *want = _masked_linear()
+    finally:
+        saving.SAVE_MEMORY = True
+    assert kept_ref  # plain autograd: the linear keeps the product
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _scaled_exp():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 32, generator=g).requires_grad_()
+    s = torch.tensor(0.6).requires_grad_()
+    y = a * 3.0  # a non-leaf nobody else keeps
+    out = saving.scaled(y, s)
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    kept = alive() is not None
+    out.exp().sum().backward()
+    return kept, a.grad, s.grad
+
+
+def test_scaled_keeps_only_its_output():
+    kept, ga, gs = _scaled_exp()
+    assert not kept
+    saving.SAVE_MEMORY = False
+    try:
+        kept_ref, want_a, want_s = _scaled_exp()
+    finally:
+        saving.SAVE_MEMORY = True
+    assert kept_ref
+    assert torch.equal(ga, want_a)
+    assert torch.allclose(gs, want_s, rtol=1e-6, atol=0)
+
+
+def _elastic_grads():
+    from elastic_worker import REMOVAL_ORDER, build_parent, forward, recipe
+    from pipeline import parallel
+    from pipeline.elastic.masks import ElasticMasks
+    from pipeline.elastic.masks.spec import build_elastic_model
+    from pipeline.elastic.router import ElasticRouter
+
+    r = recipe(["elastic.axes.depth=[8, 5]"])
+    parallel.initialize(r)
+    try:
+        parent = build_parent(r)
+        model = build_elastic_model(r).train()
+        model.load_state_dict(parent.state_dict())
+        torch.manual_seed(0)
+        router = ElasticRouter(dataclasses.replace(r.elastic), r.model)
+        masks = ElasticMasks(model, r.model, r.elastic.axes, REMOVAL_ORDER)
+        masks.set_choice(router(1, tau=1.0, logit_scale=1.0, hard=True, generator=torch.Generator().manual_seed(4)))
+        forward(model).pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads.update({f"router.{n}": p.grad.clone() for n, p in router.named_parameters() if p.grad is not None})
+        return grads
+    finally:
+        parallel.shutdown()
+
+
+def test_elastic_gradients_equal_plain_autograd():
+    got = _elastic_grads()
+    saving.SAVE_MEMORY = False
+    try:
+        want = _elastic_grads()
+    finally:
+        saving.SAVE_MEMORY = True
+    assert got.keys() == want.keys() and any(k.startswith("router.") for k in got)
+    for name, g in want.items():
+        scale = g.abs().max().clamp_min(1e-12)
+        assert (got[name] - g).abs().max() / scale <= 1e-5, name
