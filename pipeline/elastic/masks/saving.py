@@ -53,8 +53,11 @@ class _Recipe:
         self.x, self.m = x, m
 
 
-def _signature(t: torch.Tensor) -> tuple:
-    return t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
+def _signature(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without storage (TE's FP8 tensors)
+        return None
 
 
 @contextmanager
@@ -70,7 +73,7 @@ def masked_input(x: torch.Tensor, m: torch.Tensor):
     product_signature = _signature(product)
 
     def pack(t):
-        return _Recipe(x, m) if _signature(t) == product_signature else t
+        return _Recipe(x, m) if product_signature is not None and _signature(t) == product_signature else t
 
     def unpack(saved):
         return saved.x * saved.m if isinstance(saved, _Recipe) else saved
