@@ -213,7 +213,13 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
         if last:
             logits = tokens * m.vocab_size / p.tp
             final = 2 * hs * a * tokens
-            if elastic:  # student + teacher logits, 3 fp32 terms forward_kl keeps, its fp32 and bf16 gradient
+            chunk = min(getattr(t, "kd_chunk_tokens", 0) or tokens, tokens)
+            if elastic and chunk < tokens:  # chunked KL (elastic/kd.py): student + teacher logits kept, their
+                # gradient, and one chunk's fp32 temporaries (student, teacher, their difference) at a time
+                lines.append(("kd logits", logits * 3 * a + 3 * 4 * chunk * m.vocab_size / p.tp + final,
+                              f"{tokens:,.0f} tokens x {m.vocab_size / p.tp:,.0f} vocab: student+teacher + grad, "
+                              f"fp32 KL over {chunk:,.0f}-token chunks"))
+            elif elastic:  # student + teacher logits, 3 fp32 terms forward_kl keeps, its fp32 and bf16 gradient
                 lines.append(("kd logits", logits * (3 * a + 4 * 4) + final,
                               f"{tokens:,.0f} tokens x {m.vocab_size / p.tp:,.0f} vocab: student+teacher + fp32 KL"))
             else:  # logits, their fp32 copy (the vocab-parallel cross entropy's softmax), the logits' gradient
