@@ -18,8 +18,11 @@ case "${1:-}" in
     mkdir -p /tmp/ckpt
     timeout 560 python3 bench/bench_throughput.py --recipe recipes/proxy_1b.yaml --combos te:bf16 \
       --save-stall /tmp/ckpt --profile 25 --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" | quiet | tail -80 ;;
-  2)  # issue 14: the memory plan vs the measured peak (two steps per case)
-    timeout 560 python3 bench/bench_memory_plan.py --out "$out/memory_plan.json" 2>&1 | tee "$out/memory_plan.log" | quiet | tail -20 ;;
+  2)  # issue 14: the memory plan vs the measured peak (two steps per case), pretrain then stage 1
+    timeout 280 python3 bench/bench_memory_plan.py --stages pretrain --out "$out/memory_plan_pretrain.json" 2>&1 \
+      | tee "$out/memory_plan_pretrain.log" | quiet | tail -8
+    timeout 290 python3 bench/bench_memory_plan.py --stages stage1 --out "$out/memory_plan_stage1.json" 2>&1 \
+      | tee "$out/memory_plan_stage1.log" | quiet | tail -10 ;;
   3)  # issue 12: FP8 vs bf16, pretrain and stage 1, 100 steps
     timeout 560 python3 bench/bench_fp8.py --root /tmp/fp8 --steps 100 training.global_batch_size=4 2>&1 \
       | tee "$out/fp8.log" | quiet | tail -30 ;;
