@@ -74,4 +74,7 @@ def test_what_crosses_a_document_boundary(packed, pattern, masked, crosses):
     if crosses:
         assert later > 1e-4, f"{pattern}: the later document should see the earlier one"
     else:
-        assert later == 0.0, f"{pattern}: attention crossed a document boundary ({later:.1e})"
+        # not bit-exact: the altered first document routes its tokens to other experts, so each expert's GEMM
+        # sees other row counts, and multithreaded BLAS rounds the later tokens' rows differently (3e-7 on 2
+        # threads; 0 with attention alone). A real leak moves them by as much as the first document moved (> 1e-3).
+        assert later <= 1e-5, f"{pattern}: attention crossed a document boundary ({later:.1e})"
