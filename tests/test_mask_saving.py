@@ -1,8 +1,9 @@
 """Mask arithmetic that keeps no activation copy of its own (pipeline/elastic/masks/saving.py).
 
 - ``masked_input``: the consumer of ``x * m`` does not keep the product alive (a weak reference to it dies once
-  the caller drops it, the graph still waiting for its backward); with ``SAVE_MEMORY`` off it does (the
-  reference case, so the check can fail); gradients equal plain autograd's bit for bit;
+  the caller drops it, the graph still waiting for its backward), also when it keeps slices of it (as TE's
+  grouped expert linears do); with ``SAVE_MEMORY`` off it does (the reference case, so the check can fail);
+  gradients equal plain autograd's bit for bit;
 - ``scaled``: ``y * s`` keeps its output, not ``y``; gradients equal plain autograd's (the scale's to rounding);
 - the tiny elastic model, a hard router choice at the medium budget: every parameter's gradient, the router's
   included, equals the plain-autograd model's (fp32, CPU).
@@ -41,6 +42,50 @@ def test_masked_input_keeps_x_not_the_product():
     finally:
         saving.SAVE_MEMORY = True
     assert kept_ref  # plain autograd: the linear keeps the product
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """A consumer like TE's grouped linear: splits its input by rows (one slice per expert) and keeps the slices."""
+
+    @staticmethod
+    def forward(ctx, x, w, splits):
+        parts = torch.split(x, splits)
+        ctx.save_for_backward(w, *parts)
+        return torch.cat([p @ w.t() for p in parts])
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, *parts = ctx.saved_tensors
+        gs = torch.split(grad, [p.shape[0] for p in parts])
+        return (torch.cat([g @ w for g in gs]), sum(g.t() @ p for g, p in zip(gs, parts)), None)
+
+
+def _masked_grouped():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 32, generator=g).requires_grad_()
+    m = (torch.arange(32) < 12).float().requires_grad_()
+    w = torch.randn(8, 32, generator=g).requires_grad_()
+    with saving.masked_input(x, m) as product:
+        out = _GroupedLinear.apply(product, w, [5, 11, 8])
+    alive = weakref.ref(product)
+    del product
+    gc.collect()
+    kept = alive() is not None
+    out.pow(2).sum().backward()
+    return kept, out.detach(), x.grad, m.grad, w.grad
+
+
+def test_masked_input_views_of_the_product_are_recomputed():
+    kept, *got = _masked_grouped()
+    assert not kept  # the three saved slices became recipes (one recomputation serves them all)
+    saving.SAVE_MEMORY = False
+    try:
+        kept_ref, *want = _masked_grouped()
+    finally:
+        saving.SAVE_MEMORY = True
+    assert kept_ref
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 

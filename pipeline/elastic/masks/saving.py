@@ -46,37 +46,57 @@ def scaled(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return _Scaled.apply(y, s)
 
 
-class _Recipe:
-    __slots__ = ("x", "m")
+class _Product:
+    """The recipe of one masked product, shared by every saved view of it: recomputed once in the backward, and
+    released with the last view that autograd keeps."""
+
+    __slots__ = ("x", "m", "full")
 
     def __init__(self, x, m):
-        self.x, self.m = x, m
+        self.x, self.m, self.full = x, m, None
+
+    def view(self, layout) -> torch.Tensor:
+        if self.full is None:
+            self.full = self.x * self.m  # the same op on the same inputs: bit for bit, same strides
+        return self.full.as_strided(*layout)
 
 
-def _signature(t: torch.Tensor):
+class _SavedView:
+    __slots__ = ("product", "layout")
+
+    def __init__(self, product: _Product, layout):
+        self.product, self.layout = product, layout
+
+
+def _storage(t: torch.Tensor):
+    """(storage pointer, dtype), or None for a tensor subclass without storage (TE's FP8 tensors)."""
     try:
-        return t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
-    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without storage (TE's FP8 tensors)
+        return t.untyped_storage().data_ptr(), t.dtype
+    except (RuntimeError, NotImplementedError, TypeError):
         return None
 
 
 @contextmanager
 def masked_input(x: torch.Tensor, m: torch.Tensor):
-    """Yields ``x * m``; inside the block, a module that saves that product for its backward saves ``(x, m)``
-    and recomputes it there. Use it around the one consumer of the product."""
+    """Yields ``x * m``; inside the block, a module that saves that product, or views of it (TE's grouped
+    linears keep one slice per expert), saves ``(x, m)`` and the view's layout instead and recomputes the product
+    in its backward. Use it around the one consumer of the product."""
     product = x * m
     if not SAVE_MEMORY or not torch.is_grad_enabled():
         yield product
         return
 
     # the hooks live as long as the saved tensors (autograd keeps both): they must not hold the product itself
-    product_signature = _signature(product)
+    storage = _storage(product)
+    recipe = _Product(x, m)
 
     def pack(t):
-        return _Recipe(x, m) if product_signature is not None and _signature(t) == product_signature else t
+        if storage is None or _storage(t) != storage:
+            return t
+        return _SavedView(recipe, (tuple(t.shape), t.stride(), t.storage_offset()))
 
     def unpack(saved):
-        return saved.x * saved.m if isinstance(saved, _Recipe) else saved
+        return saved.product.view(saved.layout) if isinstance(saved, _SavedView) else saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield product
