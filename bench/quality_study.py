@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,9 @@ class Study:
             return json.load(f)
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # key.path=value
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="default recipes/study.yaml (--scale tiny: recipes/tiny.yaml)")
@@ -199,7 +203,10 @@ def parse(argv=None):
     p.add_argument("--time-limit", type=float, default=0.0, help="seconds: stop the running step (it saves) and exit 3")
     p.add_argument("--python", default=sys.executable, help="interpreter of the pipeline steps")
     p.add_argument("overrides", nargs="*", help="recipe overrides key.path=value (every step gets them)")
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # overrides first: after `--indep-multiples 1 3` argparse would read them as more multiples
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    return p.parse_args(overrides + [a for a in argv if not OVERRIDE.match(a)])
 
 
 def main(argv=None) -> int:

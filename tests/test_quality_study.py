@@ -183,3 +183,10 @@ def test_loss_catch_up_interpolates_between_the_bracketing_multiples():
     assert study_table.loss_catch_up(1.3579, pts) == pytest.approx(0.5 + 0.5 * (1.3821 - 1.3579) / (1.3821 - 1.3232))
     assert study_table.loss_catch_up(1.5, pts) == 0.25
     assert study_table.loss_catch_up(1.3, pts) is None
+
+
+def test_overrides_after_the_multiples_stay_overrides():
+    args = quality_study.parse(["--indep-multiples", "1", "3", "training.lr=1e-4", "--root", "/tmp/a=b",
+                                "stage1.training.train_iters=5"])
+    assert args.indep_multiples == [1.0, 3.0] and args.root == "/tmp/a=b"
+    assert args.overrides == ["training.lr=1e-4", "stage1.training.train_iters=5"]
