@@ -151,5 +151,7 @@ def test_elastic_gradients_equal_plain_autograd():
         saving.SAVE_MEMORY = True
     assert got.keys() == want.keys() and any(k.startswith("router.") for k in got)
     for name, g in want.items():
-        scale = g.abs().max().clamp_min(1e-12)
-        assert (got[name] - g).abs().max() / scale <= 1e-5, name
+        if name.startswith("router."):  # through a scale's division (out / s for y): rounding allowed
+            assert (got[name] - g).abs().max() / g.abs().max().clamp_min(1e-12) <= 1e-5, name
+        else:
+            assert torch.equal(got[name], g), name
