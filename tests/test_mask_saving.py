@@ -155,3 +155,18 @@ def test_elastic_gradients_equal_plain_autograd():
             assert (got[name] - g).abs().max() / g.abs().max().clamp_min(1e-12) <= 1e-5, name
         else:
             assert torch.equal(got[name], g), name
+
+
+def test_a_forward_without_backward_leaves_nothing_alive():
+    """Tensors the block saves as they are (here sigmoid's own output) are kept as detached aliases: no cycle
+    between a saved output and its graph node, so a forward that is never differentiated is freed."""
+    refs = []
+    for _ in range(3):
+        x, m = torch.randn(8, 16).requires_grad_(), torch.rand(16).requires_grad_()
+        with saving.masked_input(x, m) as product:
+            z = torch.sigmoid(product)
+        refs += [weakref.ref(z), weakref.ref(product)]
+        del x, m, product, z
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+

@@ -10,7 +10,9 @@ held twice. On the 1.1B proxy that is ~8 GiB per 16K-token micro-batch. Two ways
   product) keeps ``x`` for the mask's gradient, and the consumer that would keep the product keeps a recipe
   instead — ``x`` and ``m`` — and recomputes the product in its backward (one elementwise multiply).
 
-``SAVE_MEMORY = False`` gives the plain autograd forms (the reference the tests compare gradients against).
+Inside a ``masked_input`` block autograd does not check saved tensors for in-place changes (PyTorch skips that
+check for tensors packed by hooks): the block holds one module's forward (a linear, a norm kernel), which changes
+nothing in place. ``SAVE_MEMORY = False`` gives the plain autograd forms (the tests' reference).
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ def masked_input(x: torch.Tensor, m: torch.Tensor):
 
     def pack(t):
         if storage is None or _storage(t) != storage:
-            return t
+            # a detached alias (same storage, same version counter): returning ``t`` itself would tie a saved
+            # output to its own graph node, a cycle that outlives a forward never followed by its backward
+            return t.detach()
         return _SavedView(recipe, (tuple(t.shape), t.stride(), t.storage_offset()))
 
     def unpack(saved):
