@@ -126,9 +126,10 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="memory_plan_")
     run = lambda case: subprocess.run([sys.executable, __file__, "--recipe", args.recipe, "--root", root,  # noqa
                                        "--case", case], cwd=REPO, capture_output=True, text=True)
-    proc = run("teacher") if "stage1" in args.stages else None
-    if proc is not None and proc.returncode:
-        sys.exit(f"error: writing the teacher checkpoint failed:\n{proc.stderr[-3000:]}")
+    if "stage1" in args.stages:
+        proc = run("teacher")
+        if proc.returncode:
+            sys.exit(f"error: writing the teacher checkpoint failed:\n{proc.stderr[-3000:]}")
     cases = []
     for stage in args.stages:
         for recompute in ("none", "full"):

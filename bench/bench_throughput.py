@@ -173,6 +173,7 @@ def allocated_gib() -> float:
 
 def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int):
     from pipeline.elastic.task import ElasticTask
+    from pipeline.inference.views import parameter_bytes
     from pipeline.training import metrics
     from pipeline.training.task import LMTask
 
@@ -235,8 +236,8 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
         base = allocated_gib()
         ddp, opt = bench.trained(task, bf16)
         task.attach([ddp], teacher, device)
-        resident = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
-        record("elastic", *own(bench.measure(ddp, opt, task, batches, seq, mbs), base, resident / 2**30),
+        resident = parameter_bytes([teacher]) / 2**30
+        record("elastic", *own(bench.measure(ddp, opt, task, batches, seq, mbs), base, resident),
                teacher=True)
         del ddp, opt, task
     del teacher

@@ -11,6 +11,7 @@ conv states are not supported (megatron's training path passes none).
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -68,6 +69,16 @@ def causal_conv1d_varlen_states(*args, **kwargs):
     raise NotImplementedError("the causal-conv1d stand-in has no varlen states: install causal-conv1d")
 
 
+def _module(name: str, package: bool = False) -> types.ModuleType:
+    """A module with a spec, as an import would leave it: ``importlib.util.find_spec`` (megatron's, transformers'
+    and the memory plan's availability checks) raises ValueError on a registered module without one."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+    if package:
+        module.__path__ = []
+    return module
+
+
 def register_causal_conv1d_standin() -> bool:
     """Install the stand-in as ``causal_conv1d`` (+ ``.causal_conv1d_varlen``) and ``causal_conv1d_cuda`` where the
     package is missing, on a GPU with mamba-ssm. Returns True when installed. Must run before mamba-ssm's
@@ -76,15 +87,14 @@ def register_causal_conv1d_standin() -> bool:
         return False
     if importlib.util.find_spec("mamba_ssm") is None or not torch.cuda.is_available():
         return False
-    package = types.ModuleType("causal_conv1d")
-    package.__path__ = []  # a package: ``causal_conv1d.causal_conv1d_varlen`` resolves from sys.modules
+    package = _module("causal_conv1d", package=True)  # ``.causal_conv1d_varlen`` resolves from sys.modules
     package.causal_conv1d_fn = causal_conv1d_fn
     package.STANDIN = True
     package.__version__ = "0.0.0+standin"  # megatron's version check for sequence packing: not supported
-    varlen = types.ModuleType("causal_conv1d.causal_conv1d_varlen")
+    varlen = _module("causal_conv1d.causal_conv1d_varlen")
     varlen.causal_conv1d_varlen_states = causal_conv1d_varlen_states
     package.causal_conv1d_varlen = varlen
-    ext = types.ModuleType("causal_conv1d_cuda")
+    ext = _module("causal_conv1d_cuda")
     ext.causal_conv1d_fwd, ext.causal_conv1d_bwd = causal_conv1d_fwd, causal_conv1d_bwd
     sys.modules.update({"causal_conv1d": package, "causal_conv1d.causal_conv1d_varlen": varlen,
                         "causal_conv1d_cuda": ext})

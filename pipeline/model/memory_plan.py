@@ -11,7 +11,6 @@ buffers. Activation terms count the tensors megatron / TE / mamba-ssm save for t
 from __future__ import annotations
 
 import importlib.util
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -53,10 +52,7 @@ def _sizes(recipe: Recipe):
 def causal_conv1d() -> bool:
     """Whether megatron's Mamba mixer runs causal-conv1d's fused conv + activation here (else F.conv1d + silu).
     Planning elsewhere than the training machine assumes the same packages (without it: the larger figure)."""
-    try:
-        return importlib.util.find_spec("causal_conv1d") is not None
-    except ValueError:  # a stand-in registered in sys.modules without a spec (te_kernels' torch causal-conv1d)
-        return "causal_conv1d" in sys.modules
+    return importlib.util.find_spec("causal_conv1d") is not None
 
 
 def expert_params(recipe: Recipe, sym: str) -> int:
@@ -73,6 +69,12 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
     hs = z["h"] / tp if (tp > 1 and p.sequence_parallel) else z["h"]
     sel = recompute == "selective"
     out: Dict[str, float] = {}
+
+    def with_elastic(out):  # the residual delta the hidden mask multiplies (masked inputs keep no copy:
+        if elastic:         # masks/saving.py); not under recompute of the whole layer or module
+            out["elastic"] = hs
+        return out
+
     if recompute == "full":
         return {"input": hs}
     if sym == "M":
@@ -87,9 +89,7 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         out["ssm"] = di + nh  # scan output, dt
         out["gated_norm"] = 3 * di  # y and z copies, output (out_proj's input)
         out["fp32"] = nh + z["gn"] / tp / max(recipe.model.mamba_state_dim, 1)  # dA_cumsum, rstd per group
-        if elastic:  # the residual delta the hidden mask multiplies (masked inputs keep no copy: masks/saving.py)
-            out["elastic"] = hs
-        return out
+        return with_elastic(out)
     if sym == "*":
         nq, ng, hd = z["nq"] / tp, z["ng"] / tp, z["hd"]
         out["norm+qkv"] = 2 * hs
@@ -103,9 +103,7 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
             core = nq * hd + 2 * ng * hd  # the checkpoint keeps q, k, v
             out.pop("fp32", None)
         out["core_attn"] = core
-        if elastic:
-            out["elastic"] = hs
-        return out
+        return with_elastic(out)
     if sym == "E":
         k, f, sf = z["k"], z["f"] / etp, z["sf"] / tp
         tok = 1.0 / tp if tp > 1 and p.sequence_parallel else 1.0  # each TP rank dispatches its sequence shard
@@ -118,16 +116,12 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         experts = k * tok * (2 * z["h"] + (1 if sel and "moe_act" in modules else 2) * f)
         out["experts"] = experts
         out["shared_expert"] = 0.0 if (sel and "shared_experts" in modules) else 2 * sf
-        if elastic:
-            out["elastic"] = hs
-        return out
+        return with_elastic(out)
     if sym == "-":
         ffn = z["ffn"] / tp
         out["norm"] = 2 * hs
         out["mlp"] = 0.0 if (sel and "mlp" in modules) else 2 * ffn
-        if elastic:
-            out["elastic"] = hs
-        return out
+        return with_elastic(out)
     raise ValueError(sym)
 
 
@@ -213,7 +207,7 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
         if last:
             logits = tokens * m.vocab_size / p.tp
             final = 2 * hs * a * tokens
-            chunk = min(getattr(t, "kd_chunk_tokens", 0) or tokens, tokens)
+            chunk = min(t.kd_chunk_tokens or tokens, tokens)
             if elastic and chunk < tokens:  # chunked KL (elastic/kd.py): student + teacher logits kept, their
                 # gradient, and one chunk's fp32 temporaries (student, teacher, their difference) at a time
                 lines.append(("kd logits", logits * 3 * a + 3 * 4 * chunk * m.vocab_size / p.tp + final,

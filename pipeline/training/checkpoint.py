@@ -11,6 +11,7 @@ are restored only at the same world size.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import queue
@@ -67,7 +68,10 @@ def resolve(path_or_root: str) -> str:
     return d
 
 
-_ASYNC_MANAGER = None  # the fork-context manager process that holds the async writer's results queue
+@functools.lru_cache(maxsize=None)
+def _async_manager():
+    """The fork-context manager process that holds the async writer's results queue (one per process)."""
+    return multiprocessing.get_context("fork").Manager()
 
 
 def _thread_results_queue(async_save: bool = False) -> None:
@@ -77,12 +81,9 @@ def _thread_results_queue(async_save: bool = False) -> None:
     # multiprocessing.Queue deadlocks once those results outgrow the pipe buffer (64 KiB, ~2,000 tensors; the
     # writer cannot exit until someone reads, and the trainer reads only after it exits: seen on the 1.1B proxy),
     # so the queue lives in a manager process (fork context: started in milliseconds, once per process).
-    global _ASYNC_MANAGER
     current = filesystem_async._results_queue
     if async_save and (current is None or isinstance(current, queue.Queue)):
-        if _ASYNC_MANAGER is None:
-            _ASYNC_MANAGER = multiprocessing.get_context("fork").Manager()
-        filesystem_async._results_queue = _ASYNC_MANAGER.Queue()
+        filesystem_async._results_queue = _async_manager().Queue()
     elif current is None:
         filesystem_async._results_queue = queue.Queue()
 

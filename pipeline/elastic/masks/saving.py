@@ -71,11 +71,9 @@ class _SavedView:
 
 
 def _storage(t: torch.Tensor):
-    """(storage pointer, dtype), or None for a tensor subclass without storage (TE's FP8 tensors)."""
-    try:
-        return t.untyped_storage().data_ptr(), t.dtype
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
+    """(storage pointer, dtype) of a plain tensor; None for subclasses (TE's FP8 tensors may have no storage of
+    their own, and the product, a plain ``x * m``, is never one)."""
+    return (t.untyped_storage().data_ptr(), t.dtype) if type(t) is torch.Tensor else None
 
 
 @contextmanager
