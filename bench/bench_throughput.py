@@ -4,7 +4,7 @@ MFU and peak memory, per backend (megatron local / Transformer Engine) and preci
     python bench/bench_throughput.py --recipe recipes/proxy_1b.yaml              # H200: every combination + seq 8192
     python bench/bench_throughput.py --recipe recipes/tiny.yaml --steps 1 --memory-seq 0   # CPU smoke check
     ... --save-stall /tmp/ckpt        # + the step stall of a checkpoint save, sync vs async
-    ... --profile 25                  # + each step kind's 25 most expensive kernels (torch.profiler)
+    ... --profile 25                  # + a profiling pass: GPU-busy share, host syncs, top 25 kernels / host ops
 
 Each step is a full training step as ``pipeline.training.loop.Trainer`` runs it: megatron DDP (overlap as in
 the recipe), the forward-backward schedule over ``--micro-batches`` micro-batches of the stage-1 shape, the
@@ -99,7 +99,7 @@ class Bench:
         stream = synthetic_batches(self.recipe.model.vocab_size, seq, self.recipe.run.seed, 0, mbs, 0, 1)
         return [next(stream) for _ in range(self.args.micro_batches)]
 
-    def measure(self, ddp, opt, task, batches, seq: int, mbs: int):
+    def measure(self, ddp, opt, task, batches, seq: int, mbs: int, label: str = ""):
         """(median seconds per step, peak GiB) over --steps steps after --warmup."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -115,6 +115,10 @@ class Bench:
         for i in range(self.warmup):
             step(i)
         self.sync()
+        if self.args.profiling:
+            print(f"\n== {label} ==", flush=True)
+            self.profile(step, self.warmup)
+            return None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -124,21 +128,67 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
-        if self.args.profile:
-            self.profile(step, self.warmup + self.args.steps)
         return statistics.median(times), peak
 
     def profile(self, step, i: int) -> None:
-        """One more step under torch.profiler: the top kernels (GPU) or operators (CPU) by self time."""
+        """Where a step's time goes, from three more steps: one plain (its wall time), one that counts the host
+        syncs torch reports (``torch.cuda.set_sync_debug_mode``) by source line, one under torch.profiler (the
+        top kernels by GPU time and the top operators by host time). The GPU is busy for the kernels' summed
+        time; the rest of the wall time it waits for the host (launches, syncs)."""
         from torch.profiler import ProfilerActivity, profile
 
+        start = time.perf_counter()
+        step(i)
+        self.sync()
+        wall = time.perf_counter() - start
+        if self.cuda:
+            print_host_syncs(step, i + 1, self.sync)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         with profile(activities=activities) as prof:
-            step(i)
+            step(i + 2)
             self.sync()
-        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=self.args.profile, max_name_column_width=60),
-              flush=True)
+        averages = prof.key_averages()
+        n = self.args.profile
+        if self.cuda:
+            print(averages.table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=60), flush=True)
+            kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = covered(kernels) / 1e6  # us -> s
+            print(f"  GPU busy {busy:.3f} s of a {wall:.3f} s step ({busy / wall:.0%}); the rest it waits for the "
+                  "host", flush=True)
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=n, max_name_column_width=60), flush=True)
+
+
+def covered(intervals) -> float:
+    """Length of the union of [start, end) intervals: the time any kernel ran, concurrent streams once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def print_host_syncs(step, i: int, sync) -> None:
+    """One step with torch's sync debug mode on: each synchronizing CUDA call torch makes (``.item()``,
+    ``.tolist()``, ``.cpu()``, non-pinned copies to the host, ``nonzero`` ...) warns from the Python line that made
+    it; printed as counts per line. Syncs inside extensions (cudaStreamSynchronize in C++) are not seen."""
+    import collections
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(i)
+            sync()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(f"{os.path.relpath(w.filename, ROOT) if w.filename.startswith(ROOT) else w.filename}"
+                                f":{w.lineno}" for w in caught if "synchronizing" in str(w.message))
+    print(f"  host syncs in one step: {sum(sites.values())}", flush=True)
+    for site, count in sites.most_common(15):
+        print(f"    {count:5d}  {site}", flush=True)
 
 
 def kd_task(base, teacher, chunk: int, temperature: float):
@@ -192,7 +242,10 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
     e = recipe.elastic
     chunk = recipe.stage1.training.kd_chunk_tokens
 
-    def record(kind, seconds, mem, teacher):
+    def record(kind, measured, teacher):
+        if measured is None:  # the profiling pass
+            return
+        seconds, mem = measured
         fpt = metrics.flops_per_token(recipe.model, seq, teacher_forward=teacher)
         tps = tokens / seconds
         rows.append({"backend": backend, "precision": precision, "seq": seq, "step": kind, "seconds": seconds,
@@ -206,26 +259,32 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
     lm.device = device
     teacher = None
 
-    def own(measured, base, resident=0):
+    def own(measured, base, resident=0.0):
         """(seconds, this step's models' peak): megatron's DDP keeps a deleted model's tensors alive (its grad
         hooks sit on autograd nodes outside Python's garbage collector: on CPU, weakrefs to the plain student,
         its DDP wrapper and optimizer survive ``del`` + ``gc.collect()``), so the peak is taken above what was
         allocated before this step's student was built, plus ``resident`` (a teacher built before that)."""
+        if measured is None:
+            return None
         seconds, peak = measured
         return seconds, peak - base + resident
 
+    if "save" in kinds:  # the pretrain model after one step (its optimizer state exists), saved sync and async
+        ddp, opt = bench.trained(lm, bf16)
+        bench.measure(ddp, opt, lm, batches, seq, mbs)
+        save_stall(args.save_stall, ddp, opt, bench.sync)
+        del ddp, opt
     if "pretrain" in kinds or "kd" in kinds:
         base = allocated_gib()
         ddp, opt = bench.trained(lm, bf16)
         if "pretrain" in kinds:
-            record("pretrain", *own(bench.measure(ddp, opt, lm, batches, seq, mbs), base), teacher=False)
-            if args.save_stall:
-                save_stall(args.save_stall, ddp, opt, bench.sync)
-                args.save_stall = ""  # once, for the first combination
+            label = f"{backend} {precision} seq {seq} pretrain"
+            record("pretrain", own(bench.measure(ddp, opt, lm, batches, seq, mbs, label), base), teacher=False)
         teacher = bench.teacher(bf16)
         if "kd" in kinds:
             kd = kd_task(lm, teacher, chunk, e.kd_temperature)
-            record("kd", *own(bench.measure(ddp, opt, kd, batches, seq, mbs), base), teacher=True)
+            label = f"{backend} {precision} seq {seq} kd"
+            record("kd", own(bench.measure(ddp, opt, kd, batches, seq, mbs, label), base), teacher=True)
         del ddp, opt
         gc.collect()  # what Python holds of the plain student (its tensors may stay allocated: see own())
         if torch.cuda.is_available():
@@ -237,7 +296,8 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
         ddp, opt = bench.trained(task, bf16)
         task.attach([ddp], teacher, device)
         resident = parameter_bytes([teacher]) / 2**30
-        record("elastic", *own(bench.measure(ddp, opt, task, batches, seq, mbs), base, resident),
+        label = f"{backend} {precision} seq {seq} elastic"
+        record("elastic", own(bench.measure(ddp, opt, task, batches, seq, mbs, label), base, resident),
                teacher=True)
         del ddp, opt, task
     del teacher
@@ -292,12 +352,15 @@ def main() -> None:
     ap.add_argument("--memory-seq", type=int, default=8192, help="elastic vs plain KD peak memory at this "
                     "sequence length (0: skip)")
     ap.add_argument("--save-stall", default="", metavar="DIR", help="also time a checkpoint save of the pretrain "
-                    "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, profile one more "
-                    "step of each kind and print its N most expensive kernels (GPU) or operators (CPU)")
+                    "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination, after the "
+                    "timed steps)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="after every timed step, a profiling pass: "
+                    "per step kind its GPU-busy share of the wall time, host syncs by source line, and the N most "
+                    "expensive kernels and host operators")
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
+    args.profiling = False  # the timed pass first, then (--profile) the profiled one
     try:
         base = load_recipe(args.recipe, args.overrides)
     except UserError as e:
@@ -318,6 +381,14 @@ def main() -> None:
         long_mbs = max(1, mbs * seq // args.memory_seq)
         run_combo(args, args.overrides, backend, precision, args.memory_seq, long_mbs, ("kd", "elastic"), rows,
                   min(args.warmup, 1))
+    if args.save_stall:  # after the timed steps: the async writer's process must not share their time
+        backend, precision = combos[0]
+        run_combo(args, args.overrides, backend, precision, seq, mbs, ("save",), rows, 1)
+    if args.profile:  # after every timed step: the profiler leaves per-launch overhead behind in this process
+        args.profiling = True
+        print(f"\nprofiling pass: where each step's time goes ({args.profile} rows per table)", flush=True)
+        for backend, precision in combos:
+            run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows, 1)
     print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
     print("| backend | precision | seq | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | MFU | KD / pretrain "
           "step | elastic / KD step | peak GiB pretrain / KD / elastic |")

@@ -57,6 +57,7 @@ def test_loss_falls_and_logs(straight):
     line = next(l for l in stdout.splitlines() if l.startswith(f"[pretrain] step {ITERS}/{ITERS}"))
     for field in ("loss", "grad norm", "lr", "tok/s/gpu", "mem GiB", "eta"):
         assert field in line
+    assert "| cpu fp32 local mamba-torch |" in stdout  # the header names the kernels the run uses
     stage = os.path.join(root, "tiny", "pretrain")
     assert json.load(open(os.path.join(stage, "final.json")))["iteration"] == ITERS
     assert os.listdir(os.path.join(stage, "tb")), "no TensorBoard events"

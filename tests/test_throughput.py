@@ -15,3 +15,16 @@ def test_flops_per_token_counts_the_teachers_forward():
     teacher = 2 * matmul + attn_fwd  # forward only
     assert flops_per_token(m, seq) == student
     assert flops_per_token(m, seq, teacher_forward=True) == student + teacher
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_throughput.py")
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # two streams overlapping on [5, 10), a nested kernel, a gap [20, 30), touching intervals
+    assert bench.covered([(0, 10), (5, 15), (6, 7), (30, 40), (40, 45)]) == 30
+    assert bench.covered([]) == 0

@@ -65,6 +65,17 @@ def mamba_mem_eff_available() -> bool:
     return mamba_mixer.causal_conv1d_fn is not None and mamba_mixer.mamba_split_conv1d_scan_combined is not None
 
 
+def mamba_kernels(mem_eff_path: bool) -> str:
+    """Which Mamba kernels this process runs, for the run header: mamba-ssm's Triton SSD (+ the fused conv/scan
+    path when on) or the plain-PyTorch scan of ``te_kernels`` (CPU, or no mamba-ssm)."""
+    from megatron.core.ssm import mamba_mixer
+
+    scan = getattr(mamba_mixer, "mamba_chunk_scan_combined", None)
+    if scan is None or scan.__module__.startswith("te_kernels"):
+        return "torch"
+    return "triton mem-eff" if mem_eff_path and mamba_mem_eff_available() else "triton"
+
+
 def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False,
                        use_te: Optional[bool] = None, fp8: str = "none") -> TransformerConfig:
     m, p = recipe.model, recipe.parallelism

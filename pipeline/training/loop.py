@@ -24,6 +24,7 @@ from pipeline import parallel
 from pipeline.config.load import recipe_to_dict
 from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
+from pipeline.model.build import mamba_kernels
 from pipeline.model.spec import use_te as recipe_uses_te
 from pipeline.training import checkpoint, metrics
 from pipeline.training.finite import check_finite
@@ -104,9 +105,11 @@ class Trainer:
         self.data = self.task_batches(self.consumed)
         p = self.recipe.parallelism
         n_params = sum(p_.numel() for p_ in model.parameters())
+        precision = ("bf16" if self.bf16 else "fp32") + ("" if t.fp8 == "none" else " fp8-" + t.fp8)
+        kernels = f"{'te' if recipe_uses_te(self.recipe.model) else 'local'} " \
+            f"mamba-{mamba_kernels(self.recipe.model.mamba_mem_eff_path)}"
         self.log(f"{self.recipe.run.name}: {n_params:,} parameters on this rank | tp {p.tp} pp {p.pp} ep {p.ep} "
-                 f"cp {p.cp} dp {self.dp} | {self.device.type} {'bf16' if self.bf16 else 'fp32'}"
-                 f"{'' if t.fp8 == 'none' else ' fp8-' + t.fp8} {'te' if recipe_uses_te(self.recipe.model) else 'local'} | "
+                 f"cp {p.cp} dp {self.dp} | {self.device.type} {precision} {kernels} | "
                  f"{t.train_iters} steps x {t.global_batch_size} x {t.seq_length} tokens ({t.data})")
 
     def task_batches(self, consumed: int):

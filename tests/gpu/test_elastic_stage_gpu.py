@@ -27,6 +27,7 @@ def test_tiny_stage1_bf16_on_gpu(tmp_path, record):
         print(proc.stdout)
         if stage == "stage1":
             assert "cuda bf16" in proc.stdout
+            assert " mamba-triton" in proc.stdout  # the run header: mamba-ssm's Triton kernels, not the torch scan
             last_log = [line for line in proc.stdout.splitlines() if line.startswith("[stage1] step 60/")][0]
     with open(os.path.join(tmp_path, "tiny", "stage1", "elastic_budgets.json")) as f:
         resolved = json.load(f)["budgets"]
@@ -41,6 +42,3 @@ def test_tiny_stage1_bf16_on_gpu(tmp_path, record):
     for row in result["budgets"]:
         if row["fraction"] < 1:
             assert row["trained"] < row["untrained"], row
-    from megatron.core.ssm import mamba_mixer
-
-    assert mamba_mixer.HAVE_MAMBA_SSM

@@ -31,6 +31,4 @@ def test_tiny_pretrain_bf16_on_gpu(tmp_path, record):
     last_log = [l for l in proc.stdout.splitlines() if l.startswith(f"[pretrain] step {iters}/")][0]
     record("tiny pretrain bf16", {"loss_step1": first, f"loss_step{iters}": last, "last_log_line": last_log})
     assert last < first - 2.0
-    from megatron.core.ssm import mamba_mixer
-
-    assert mamba_mixer.HAVE_MAMBA_SSM  # the Triton path was importable in this environment
+    assert " mamba-triton" in proc.stdout  # the run header: the stage ran mamba-ssm's Triton kernels
