@@ -6,7 +6,10 @@ Runs the CLI as users do (one process per run, same seed, same synthetic stream)
 the importance stage once on the bf16 parent; stage 1 from that permuted parent in bf16 and in FP8 (student and
 teacher in FP8). Prints, per stage and precision, tokens/s/GPU (median of the logged intervals after the first,
 which holds compilation and autotuning), the loss at the last step and its mean over the last 10 steps, and
-FP8's relative difference to bf16. Needs a GPU with FP8 (Hopper) and transformer_engine.
+FP8's relative difference to bf16; then each stage-1 student's validation loss per budget (``evaluate``, bf16),
+the like-for-like comparison (one step's stage-1 loss is one budget's subnet, which the two routers may pick
+differently). A stage whose output exists is not re-run: repeat the command to continue after a time limit.
+Needs a GPU with FP8 (Hopper) and transformer_engine.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(stage: str, recipe: str, *args: str) -> None:
+def cli(stage: str, recipe: str, *args: str, done: str = "") -> None:
+    """Runs one stage as users do; skipped when ``done`` (its output file) exists, so a run cut by a time limit
+    continues where it stopped when the same command is repeated."""
     cmd = [sys.executable, "-m", "pipeline", stage, "--recipe", recipe, *args]
+    if done and os.path.exists(done):
+        print(f"(done: {done})", flush=True)
+        return
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     tail = [line for line in proc.stdout.splitlines() if " step " in line][-2:]
@@ -51,19 +59,29 @@ def main() -> None:
     common = [f"run.root={args.root}", f"training.train_iters={args.steps}", "logging.log_interval=10",
               f"checkpointing.save_interval={args.steps}", *args.overrides]
     runs = {"bf16": "bench_bf16", "fp8": "bench_fp8"}
-    results = {}
+    results, scored = {}, {}
     for precision, name in runs.items():
         fp8 = "none" if precision == "bf16" else args.fp8
-        cli("pretrain", args.recipe, *common, f"run.name={name}", f"pretrain.training.fp8={fp8}")
+        cli("pretrain", args.recipe, *common, f"run.name={name}", f"pretrain.training.fp8={fp8}",
+            done=os.path.join(args.root, name, "pretrain", "final.json"))
         results[("pretrain", precision)] = summary(os.path.join(args.root, name, "pretrain"))
     if "stage1" in args.stages:
         parent = os.path.join(args.root, runs["bf16"], "importance", "checkpoints")
-        cli("importance", args.recipe, *common, f"run.name={runs['bf16']}")
+        cli("importance", args.recipe, *common, f"run.name={runs['bf16']}",
+            done=os.path.join(parent, "latest_checkpointed_iteration.txt"))
         for precision, name in runs.items():
             fp8 = "none" if precision == "bf16" else args.fp8
             cli("stage1", args.recipe, *common, f"run.name={name}", f"stage1.training.fp8={fp8}",
-                f"stage1.teacher={parent}", f"stage1.training.init_from={parent}")
+                f"stage1.teacher={parent}", f"stage1.training.init_from={parent}",
+                done=os.path.join(args.root, name, "stage1", "final.json"))
             results[("stage1", precision)] = summary(os.path.join(args.root, name, "stage1"))
+            # each stage-1 student scored the same way (bf16, the same validation batches): one step's loss is
+            # one budget and one routed subnet, which the two runs' routers may choose differently
+            result = os.path.join(args.root, name, "evaluate", "stage1.json")
+            cli("evaluate", args.recipe, *common, f"run.name={name}", "--trained", "stage1", "--parent", parent,
+                done=result)
+            with open(result) as f:
+                scored[precision] = json.load(f)
     print(f"\n| stage | precision | tokens/s/GPU | loss @ step {args.steps} | mean loss, last 10 steps | "
           f"FP8 vs bf16 (last 10) | peak GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -72,7 +90,15 @@ def main() -> None:
         rel = "" if precision == "bf16" else f"{(r['loss_last10'] - base) / base:+.2%}"
         print(f"| {stage} | {precision if precision == 'bf16' else 'fp8-' + args.fp8} | {r['tokens_per_s']:,.0f} | "
               f"{r['loss_last']:.4f} | {r['loss_last10']:.4f} | {rel} | {r['mem_gib']:.1f} |")
-    print(json.dumps({f"{s}/{p}": r for (s, p), r in results.items()}))
+    if scored:
+        print("\nstage-1 students, validation loss per budget (bf16 evaluation of each run's checkpoint):")
+        print("| budget | bf16-trained | FP8-trained | FP8 vs bf16 | untrained slice |")
+        print("|---|---|---|---|---|")
+        for b16, b8 in zip(scored["bf16"]["budgets"], scored["fp8"]["budgets"]):
+            print(f"| {b16['name']} | {b16['trained']:.4f} | {b8['trained']:.4f} | "
+                  f"{(b8['trained'] - b16['trained']) / b16['trained']:+.2%} | {b16['untrained']:.4f} |")
+    print(json.dumps({**{f"{s}/{p}": r for (s, p), r in results.items()},
+                      **{f"evaluate/{p}": v["budgets"] for p, v in scored.items()}}))
 
 
 if __name__ == "__main__":
