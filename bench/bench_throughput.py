@@ -248,11 +248,12 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
         seconds, mem = measured
         fpt = metrics.flops_per_token(recipe.model, seq, teacher_forward=teacher)
         tps = tokens / seconds
-        rows.append({"backend": backend, "precision": precision, "seq": seq, "step": kind, "seconds": seconds,
+        rows.append({"backend": backend, "precision": precision, "seq": seq, "mbs": mbs, "step": kind,
+                     "seconds": seconds,
                      "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
                      "mfu": tps * fpt / (peak_tflops * 1e12) if peak_tflops else float("nan"), "peak_gib": mem})
         r = rows[-1]
-        print(f"  {backend:5s} {precision:4s} seq {seq:5d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
+        print(f"  {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
               f"{r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak {mem:7.2f} GiB", flush=True)
 
     lm = LMTask(recipe, "stage1")
@@ -334,9 +335,13 @@ def save_stall(where: str, ddp, opt, sync) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def combo_of(row) -> tuple:
+    return row["backend"], row["precision"], row["seq"], row["mbs"]
+
+
 def ratio(rows, combo, num: str, den: str, key: str = "seconds"):
-    a = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == num]
-    b = [r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo and r["step"] == den]
+    a = [r for r in rows if combo_of(r) == combo and r["step"] == num]
+    b = [r for r in rows if combo_of(r) == combo and r["step"] == den]
     return a[0][key] / b[0][key] if a and b else float("nan")
 
 
@@ -357,6 +362,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="after every timed step, a profiling pass: "
                     "per step kind its GPU-busy share of the wall time, host syncs by source line, and the N most "
                     "expensive kernels and host operators")
+    ap.add_argument("--micro-batch-sizes", default="", metavar="N,M", help="micro-batch sizes to time, each with "
+                    "--micro-batches micro-batches (default: the recipe's stage-1 size): a step bound by the host's "
+                    "launches gains tokens/s with larger micro-batches, one bound by the GPU does not")
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
@@ -368,14 +376,18 @@ def main() -> None:
     combos = [c.split(":") for c in (args.combos or default_combos()).split(",")]
     t = base.stage1.training
     seq, mbs = t.seq_length, t.micro_batch_size
+    sizes = [int(n) for n in args.micro_batch_sizes.split(",")] if args.micro_batch_sizes else [mbs]
     print(f"{os.path.basename(args.recipe)} | {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
-          f" | {args.micro_batches} micro-batches x {mbs} x {seq} tokens per step | median of {args.steps} steps "
-          f"after {args.warmup}", flush=True)
+          f" | {args.micro_batches} micro-batches x {'/'.join(map(str, sizes))} x {seq} tokens per step | median of "
+          f"{args.steps} steps after {args.warmup}", flush=True)
     rows = []
     start = time.perf_counter()
-    for i, (backend, precision) in enumerate(combos):  # Triton autotunes once: later combinations warm up less
-        run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows,
-                  args.warmup if i == 0 else min(args.warmup, 1))
+    first = True
+    for backend, precision in combos:
+        for size in sizes:  # Triton autotunes once per shape: later combinations warm up less
+            run_combo(args, args.overrides, backend, precision, seq, size, ("pretrain", "kd", "elastic"), rows,
+                      args.warmup if first else min(args.warmup, 1))
+            first = False
     if args.memory_seq:
         backend, precision = combos[-1] if combos[-1][1] != "fp8" else combos[min(1, len(combos) - 1)]
         long_mbs = max(1, mbs * seq // args.memory_seq)
@@ -390,15 +402,16 @@ def main() -> None:
         for backend, precision in combos:
             run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows, 1)
     print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
-    print("| backend | precision | seq | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | MFU | KD / pretrain "
-          "step | elastic / KD step | peak GiB pretrain / KD / elastic |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for combo in dict.fromkeys((r["backend"], r["precision"], r["seq"]) for r in rows):
-        by = {r["step"]: r for r in rows if (r["backend"], r["precision"], r["seq"]) == combo}
+    print("| backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | MFU | "
+          "KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for combo in dict.fromkeys(combo_of(r) for r in rows):
+        by = {r["step"]: r for r in rows if combo_of(r) == combo}
         cell = lambda k, f: (f.format(by[k]["tokens_per_s"]) if f.startswith("{:,") else f.format(by[k]["mfu"])) \
             if k in by else "-"  # noqa: E731
         peaks = " / ".join(f"{by[k]['peak_gib']:.1f}" if k in by else "-" for k in ("pretrain", "kd", "elastic"))
-        print(f"| {combo[0]} | {combo[1]} | {combo[2]} | {cell('pretrain', '{:,.0f}')} | {cell('pretrain', '{:.1%}')} "
+        print(f"| {combo[0]} | {combo[1]} | {combo[2]} | {combo[3]} | {cell('pretrain', '{:,.0f}')} "
+              f"| {cell('pretrain', '{:.1%}')} "
               f"| {cell('kd', '{:,.0f}')} | {cell('kd', '{:.1%}')} | {cell('elastic', '{:,.0f}')} "
               f"| {cell('elastic', '{:.1%}')} | {ratio(rows, combo, 'kd', 'pretrain'):.3f} "
               f"| {ratio(rows, combo, 'elastic', 'kd'):.3f} | {peaks} |")
@@ -408,10 +421,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"recipe": args.recipe, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                        else "cpu", "micro_batches": args.micro_batches, "rows": rows}, f, indent=1)
-    for combo in dict.fromkeys((r["backend"], r["precision"], r["seq"]) for r in rows):
+    for combo in dict.fromkeys(combo_of(r) for r in rows):
         mem = ratio(rows, combo, "elastic", "kd", "peak_gib")
         if mem == mem:  # not nan
-            print(f"peak memory elastic / plain KD at seq {combo[2]} ({combo[0]} {combo[1]}): {mem:.3f}")
+            print(f"peak memory elastic / plain KD at seq {combo[2]}, micro-batch {combo[3]} ({combo[0]} {combo[1]}): "
+                  f"{mem:.3f}")
 
 
 if __name__ == "__main__":
