@@ -6,7 +6,9 @@
 Engines (transformers NemotronH, mamba-ssm / causal-conv1d kernels when installed):
 - ``views``: every budget a view model of ONE loaded full model (pipeline/inference/views.py), its grouped-head
   rows gathered once per call (``parametrize.cached``, as generate and budget-eval run it);
-- ``sliced``: every budget a contiguous copy (the model ``slice`` writes, bit for bit, built in memory).
+- ``sliced``: every budget a contiguous copy (the model ``slice`` writes, bit for bit, built in memory);
+- ``megatron``: every budget sliced into megatron-core (``slice --format megatron``) and run in megatron's static
+  inference mode (KV cache + Mamba states, greedy; pipeline/inference/megatron_engine.py): batch 1 only.
 Same batch, prompt and decode lengths, dtype (bf16) for every row. Prefill: one forward of
 batch x prompt-len tokens (no cache), median of --repeats after a warm-up. Decode: ``generate`` of exactly
 decode-len new tokens greedy, minus the prefill time, median of --repeats. Parameter memory: the bytes of
@@ -65,12 +67,56 @@ def measure(model, batch: int, prompt_len: int, decode_len: int, repeats: int, v
             "prefill_s": prefill, "generate_s": full}
 
 
+def measure_megatron(model, prompt_len: int, decode_len: int, repeats: int, vocab: int) -> dict:
+    """Batch 1: the prompt's forward into fresh static-inference states, then ``greedy_generate`` (prompt +
+    decode-len tokens); decode = generate - prefill, as for transformers."""
+    from megatron.core.inference.contexts.static_context import StaticInferenceContext
+    from megatron.core.inference.utils import InferenceMode
+
+    from pipeline.inference.megatron_engine import greedy_generate
+
+    device = next(model.parameters()).device
+    x = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(prompt_len, device=device).unsqueeze(0)
+
+    def prefill():
+        with torch.no_grad(), InferenceMode.active():
+            model(x, positions, None, inference_context=StaticInferenceContext(1, prompt_len + decode_len),
+                  runtime_gather_output=True)
+
+    first = timed(prefill, repeats)
+    full = timed(lambda: greedy_generate(model, x, decode_len), repeats)
+    decode = max(full - first, 1e-9)
+    return {"prefill_tok_s": prompt_len / first, "decode_tok_s": decode_len / decode, "prefill_s": first,
+            "generate_s": full}
+
+
+def megatron_models(args, family, names, dtype) -> dict:
+    """Each budget sliced into megatron (a temporary directory, removed once loaded) and built as the recipe
+    builds models."""
+    import tempfile
+
+    from pipeline import parallel
+    from pipeline.config import load_recipe
+    from pipeline.inference.megatron_engine import load_budget_model
+
+    recipe = load_recipe(args.recipe)
+    parallel.initialize(recipe)
+    models = {}
+    with tempfile.TemporaryDirectory(prefix="megatron_engine_") as work:
+        for n in names:
+            models[n] = load_budget_model(recipe, family.dir, family.model_cfg, family.budget(n),
+                                          os.path.join(work, n), dtype)
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "proxy_1b.yaml"))
     ap.add_argument("--checkpoint", required=True, help="elastic checkpoint directory")
     ap.add_argument("--make-checkpoint", action="store_true", help="write a random-init one there first")
-    ap.add_argument("--engines", nargs="+", default=["views", "sliced"], choices=["views", "sliced"])
+    ap.add_argument("--engines", nargs="+", default=["views", "sliced"], choices=["views", "sliced", "megatron"],
+                    help="megatron: each budget sliced into megatron-core, its static inference (batch 1)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--decode-len", type=int, default=128)
@@ -85,6 +131,9 @@ def main() -> None:
     from pipeline.inference.random_checkpoint import make_random_checkpoint
     from pipeline.inference.views import gathered_bytes, parameter_bytes
 
+    if "megatron" in args.engines and args.batch != 1:
+        sys.exit("error: --engines megatron decodes one sequence at a time (pipeline/inference/megatron_engine.py): "
+                 "pass --batch 1")
     quiet_transformers()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.make_checkpoint:
@@ -100,15 +149,23 @@ def main() -> None:
     vocab = family.model_cfg.vocab_size
     rows = []
     for engine in args.engines:
-        fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg, family.tokenizer,
-                     engine)
-        models = {n: fam.model(n) for n in names}
-        held = parameter_bytes([family.full, *models.values()])
+        if engine == "megatron":
+            fam, models = None, megatron_models(args, family, names, dtype)
+            held = parameter_bytes(list(models.values()))
+        else:
+            fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg,
+                         family.tokenizer, engine)
+            models = {n: fam.model(n) for n in names}
+            held = parameter_bytes([family.full, *models.values()])
         for n in names:
-            r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
+            if engine == "megatron":
+                r = measure_megatron(models[n], args.prompt_len, args.decode_len, args.repeats, vocab)
+            else:
+                r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
             r.update(engine=engine, budget=n, active_params=family.active_params(n),
                      params=int(family.budget(n).subnet.count(family.model_cfg).total),
-                     gathered_bytes_per_call=gathered_bytes(models[n]), engine_param_bytes=held)
+                     gathered_bytes_per_call=0 if engine == "megatron" else gathered_bytes(models[n]),
+                     engine_param_bytes=held)
             rows.append(r)
             base = next(x for x in rows if x["engine"] == engine and x["budget"] == names[0])
             print(f"{engine:<7} {n:<8} active {r['active_params'] / 1e6:9.1f}M  prefill {r['prefill_tok_s']:10.0f} "
@@ -118,12 +175,20 @@ def main() -> None:
         del fam, models
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    if len(args.engines) == 2:  # what the measurement says about the engine
+    if {"views", "sliced"} <= set(args.engines):  # what the measurement says about the engine
         for n in names:
             v, c = (next(x for x in rows if x["engine"] == e and x["budget"] == n) for e in ("views", "sliced"))
             print(f"# {n}: views / sliced  prefill {v['prefill_tok_s'] / c['prefill_tok_s']:.2f}x  decode "
                   f"{v['decode_tok_s'] / c['decode_tok_s']:.2f}x  (views hold {v['engine_param_bytes'] / 2**20:,.1f} "
                   f"MiB of parameters for every budget, sliced {c['engine_param_bytes'] / 2**20:,.1f} MiB)")
+    others = [e for e in args.engines if e != "megatron"]
+    if "megatron" in args.engines and others:
+        for n in names:
+            m = next(x for x in rows if x["engine"] == "megatron" and x["budget"] == n)
+            for e in others:
+                o = next(x for x in rows if x["engine"] == e and x["budget"] == n)
+                print(f"# {n}: megatron / {e}  prefill {m['prefill_tok_s'] / o['prefill_tok_s']:.2f}x  decode "
+                      f"{m['decode_tok_s'] / o['decode_tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

@@ -31,6 +31,8 @@ PATCHED_MODULES = (
     "megatron.core.transformer.moe.experts",
     "megatron.core.transformer.utils",
     "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.attention",  # static inference: the KV cache is allocated on current_device()
+    "megatron.core.inference.contexts.static_context",
     "megatron.core.utils",
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.layers",
@@ -248,7 +250,8 @@ def _install_host_split_sizes() -> None:
 
 
 def _install_mamba_kernels() -> None:
-    """The Mamba mixer's Triton SSD scan and gated RMSNorm -> the plain-PyTorch versions in te_kernels."""
+    """The Mamba mixer's Triton SSD scan and gated RMSNorm -> the plain-PyTorch versions in te_kernels; its
+    decode-step kernels -> megatron's own PyTorch fallbacks."""
     from megatron.core.ssm import mamba_mixer
 
     if mamba_mixer.HAVE_MAMBA_SSM and mamba_mixer.mamba_chunk_scan_combined is not None:
@@ -266,6 +269,9 @@ def _install_mamba_kernels() -> None:
                 self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
+    # static-inference decode: megatron's own PyTorch fallbacks (None selects them) instead of its Triton kernels
+    mamba_mixer.causal_conv1d_update = None
+    mamba_mixer.selective_state_update = None
     mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
     mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
     mamba_mixer.RMSNormGated = GatedRMSNorm

@@ -27,12 +27,11 @@ case "${1:-}" in
       # stages are skipped: repeat this phase on the warm machine until the tables print (2 calls)
     timeout 560 python3 bench/bench_fp8.py --root /tmp/fp8 --steps 100 training.global_batch_size=4 2>&1 \
       | tee "$out/fp8.log" | quiet | tail -30 ;;
-  4)  # issues 15, 17: FP8 and local steps; the fused Mamba path; the views test's corrected bound
+  4)  # issue 15: FP8 and local steps; the fused Mamba path
     timeout 300 python3 bench/bench_throughput.py --recipe recipes/proxy_1b.yaml --combos te:fp8,local:bf16 \
       --memory-seq 0 --json "$out/throughput_more.json" 2>&1 | tee "$out/throughput_more.log" | quiet | tail -12
     GPU_RESULTS=$out/gpu.jsonl timeout 240 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-      tests/gpu/test_mamba_mem_eff.py "tests/gpu/test_budget_inference_gpu.py::test_views_on_gpu_equal_sliced_and_add_no_memory" \
-      2>&1 | tee "$out/tests.log" | quiet | tail -20 ;;
+      tests/gpu/test_mamba_mem_eff.py 2>&1 | tee "$out/tests.log" | quiet | tail -20 ;;
   5)  # issues 16, 13: quantisation kernels, the QAD step's cost, NaN/Inf on CUDA
     GPU_RESULTS=$out/gpu.jsonl timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       tests/gpu/test_quant_kernels.py tests/gpu/test_divergence_gpu.py 2>&1 | tee "$out/tests.log" | quiet | tail -20
@@ -42,5 +41,11 @@ case "${1:-}" in
   6)  # the local-path GPU tests whose kernel check now reads the stage's header (it failed when run alone)
     GPU_RESULTS=$out/gpu.jsonl timeout 560 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       tests/gpu/test_elastic_stage_gpu.py 2>&1 | tee "$out/tests.log" | quiet | tail -20 ;;
-  *) echo "usage: bash tests/gpu/run_pending.sh 0|1|2|3|4|5|6" >&2; exit 2 ;;
+  7)  # issue 17: the views test's corrected bound; the engine choice (megatron-core static inference vs
+      # transformers, batch 1, each proxy budget)
+    GPU_RESULTS=$out/gpu.jsonl timeout 560 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
+      "tests/gpu/test_budget_inference_gpu.py::test_views_on_gpu_equal_sliced_and_add_no_memory" \
+      "tests/gpu/test_budget_inference_gpu.py::test_proxy_megatron_engine_vs_transformers_batch1" \
+      2>&1 | tee "$out/tests.log" | quiet | tail -30 ;;
+  *) echo "usage: bash tests/gpu/run_pending.sh 0|1|2|3|4|5|6|7" >&2; exit 2 ;;
 esac

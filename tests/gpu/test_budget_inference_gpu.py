@@ -7,7 +7,10 @@
 - proxy_1b recipe, random-init elastic checkpoint, bf16: prefill and decode tokens/s of every budget, views
   and sliced engines (bench/bench_budget_inference.py's measurement), recorded; the smallest sliced budget
   prefills faster than the full model;
-- budget-eval through the CLI on the proxy checkpoint: JSON and PNG written, the table recorded.
+- budget-eval through the CLI on the proxy checkpoint: JSON and PNG written, the table recorded;
+- the engine choice at batch 1: each proxy budget sliced into megatron-core and run in its static inference mode
+  (pipeline/inference/megatron_engine.py) vs transformers' sliced model, prefill and decode tokens/s recorded;
+  megatron's cached decode logits agree with its own uncached forward (bf16 rounding).
 Run: ``python -m pytest -q -m gpu -s tests/gpu/test_budget_inference_gpu.py`` (tests/gpu/RESULTS.md).
 """
 
@@ -121,3 +124,40 @@ def test_proxy_budget_eval_cli(proxy_ckpt, tmp_path, record):
         record(f"budget-eval {r['label']}", {k: r[k] for k in ("accuracy", "think_tokens", "answer_tokens",
                                                                  "seconds_per_problem", "tokens_per_s", "pareto")})
     assert os.path.getsize(os.path.join(out, "pareto.png")) > 1000
+
+
+def test_proxy_megatron_engine_vs_transformers_batch1(proxy_ckpt, tmp_path, record):
+    from bench_budget_inference import measure, measure_megatron
+
+    from pipeline import parallel
+    from pipeline.config import load_recipe
+    from pipeline.inference.family import Family
+    from pipeline.inference.megatron_engine import greedy_generate, load_budget_model
+
+    recipe = load_recipe(PROXY)
+    family = Family.load(proxy_ckpt, "cuda", "bf16", engine="sliced")
+    vocab = family.model_cfg.vocab_size
+    parallel.initialize(recipe)
+    try:
+        for n in family.names:
+            mc = load_budget_model(recipe, family.dir, family.model_cfg, family.budget(n), str(tmp_path / n),
+                                   torch.bfloat16)
+            prompt = torch.randint(0, vocab, (1, 300), generator=torch.Generator().manual_seed(1))
+            tokens, steps = greedy_generate(mc, prompt, 4)
+            with torch.no_grad():
+                uncached = mc(tokens, torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0), None,
+                              runtime_gather_output=True)[0, prompt.shape[1] - 1:-1].float()
+            cached = torch.cat(steps)
+            scale = uncached.abs().max().item()
+            assert (cached - uncached).abs().max().item() <= 0.05 * scale, n
+            m = measure_megatron(mc, 1024, 64, 3, vocab)
+            t = measure(family.model(n), 1, 1024, 64, 3, vocab)
+            record(f"engine {n} (active {family.active_params(n)}) batch 1 prompt 1024 decode 64", {
+                "megatron_prefill_tok_s": round(m["prefill_tok_s"]), "megatron_decode_tok_s": round(m["decode_tok_s"]),
+                "transformers_prefill_tok_s": round(t["prefill_tok_s"]),
+                "transformers_decode_tok_s": round(t["decode_tok_s"]),
+                "cached_vs_uncached_max_abs": (cached - uncached).abs().max().item(), "logit_scale": scale})
+            del mc
+            torch.cuda.empty_cache()
+    finally:
+        parallel.shutdown()
