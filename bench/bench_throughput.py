@@ -5,6 +5,7 @@ MFU and peak memory, per backend (megatron local / Transformer Engine) and preci
     python bench/bench_throughput.py --recipe recipes/tiny.yaml --steps 1 --memory-seq 0   # CPU smoke check
     ... --save-stall /tmp/ckpt        # + the step stall of a checkpoint save, sync vs async
     ... --profile 25                  # + a profiling pass: GPU-busy share, host syncs, top 25 kernels / host ops
+    ... --micro-batch-sizes 4,8 --variant fused:model.moe_fused_grouped_mlp=true   # side by side
 
 Each step is a full training step as ``pipeline.training.loop.Trainer`` runs it: megatron DDP (overlap as in
 the recipe), the forward-backward schedule over ``--micro-batches`` micro-batches of the stage-1 shape, the
@@ -221,7 +222,8 @@ def allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int):
+def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int,
+              variant: str = "recipe"):
     from pipeline.elastic.task import ElasticTask
     from pipeline.inference.views import parameter_bytes
     from pipeline.training import metrics
@@ -248,12 +250,13 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
         seconds, mem = measured
         fpt = metrics.flops_per_token(recipe.model, seq, teacher_forward=teacher)
         tps = tokens / seconds
-        rows.append({"backend": backend, "precision": precision, "seq": seq, "mbs": mbs, "step": kind,
+        rows.append({"variant": variant, "backend": backend, "precision": precision, "seq": seq, "mbs": mbs,
+                     "step": kind,
                      "seconds": seconds,
                      "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
                      "mfu": tps * fpt / (peak_tflops * 1e12) if peak_tflops else float("nan"), "peak_gib": mem})
         r = rows[-1]
-        print(f"  {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
+        print(f"  {variant:8s} {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
               f"{r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak {mem:7.2f} GiB", flush=True)
 
     lm = LMTask(recipe, "stage1")
@@ -336,7 +339,15 @@ def save_stall(where: str, ddp, opt, sync) -> None:
 
 
 def combo_of(row) -> tuple:
-    return row["backend"], row["precision"], row["seq"], row["mbs"]
+    return row["variant"], row["backend"], row["precision"], row["seq"], row["mbs"]
+
+
+def parse_variant(text: str):
+    """``NAME:key=value,key=value`` -> (NAME, [overrides])."""
+    name, _, rest = text.partition(":")
+    if not name or not rest:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:key.path=value[,key.path=value]")
+    return name, rest.split(",")
 
 
 def ratio(rows, combo, num: str, den: str, key: str = "seconds"):
@@ -365,6 +376,9 @@ def main() -> None:
     ap.add_argument("--micro-batch-sizes", default="", metavar="N,M", help="micro-batch sizes to time, each with "
                     "--micro-batches micro-batches (default: the recipe's stage-1 size): a step bound by the host's "
                     "launches gains tokens/s with larger micro-batches, one bound by the GPU does not")
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME:k=v[,k=v]",
+                    help="also time every combination with these recipe overrides, side by side with the recipe "
+                    "(e.g. fused:model.moe_fused_grouped_mlp=true); repeatable")
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
@@ -383,11 +397,12 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     first = True
-    for backend, precision in combos:
-        for size in sizes:  # Triton autotunes once per shape: later combinations warm up less
-            run_combo(args, args.overrides, backend, precision, seq, size, ("pretrain", "kd", "elastic"), rows,
-                      args.warmup if first else min(args.warmup, 1))
-            first = False
+    for variant, extra in [("recipe", [])] + args.variant:
+        for backend, precision in combos:
+            for size in sizes:  # Triton autotunes once per shape: later combinations warm up less
+                run_combo(args, args.overrides + extra, backend, precision, seq, size, ("pretrain", "kd", "elastic"),
+                          rows, args.warmup if first else min(args.warmup, 1), variant)
+                first = False
     if args.memory_seq:
         backend, precision = combos[-1] if combos[-1][1] != "fp8" else combos[min(1, len(combos) - 1)]
         long_mbs = max(1, mbs * seq // args.memory_seq)
@@ -402,15 +417,15 @@ def main() -> None:
         for backend, precision in combos:
             run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows, 1)
     print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
-    print("| backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | MFU | "
-          "KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | "
+          "MFU | KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for combo in dict.fromkeys(combo_of(r) for r in rows):
         by = {r["step"]: r for r in rows if combo_of(r) == combo}
         cell = lambda k, f: (f.format(by[k]["tokens_per_s"]) if f.startswith("{:,") else f.format(by[k]["mfu"])) \
             if k in by else "-"  # noqa: E731
         peaks = " / ".join(f"{by[k]['peak_gib']:.1f}" if k in by else "-" for k in ("pretrain", "kd", "elastic"))
-        print(f"| {combo[0]} | {combo[1]} | {combo[2]} | {combo[3]} | {cell('pretrain', '{:,.0f}')} "
+        print(f"| {combo[0]} | {combo[1]} | {combo[2]} | {combo[3]} | {combo[4]} | {cell('pretrain', '{:,.0f}')} "
               f"| {cell('pretrain', '{:.1%}')} "
               f"| {cell('kd', '{:,.0f}')} | {cell('kd', '{:.1%}')} | {cell('elastic', '{:,.0f}')} "
               f"| {cell('elastic', '{:.1%}')} | {ratio(rows, combo, 'kd', 'pretrain'):.3f} "
@@ -424,8 +439,8 @@ def main() -> None:
     for combo in dict.fromkeys(combo_of(r) for r in rows):
         mem = ratio(rows, combo, "elastic", "kd", "peak_gib")
         if mem == mem:  # not nan
-            print(f"peak memory elastic / plain KD at seq {combo[2]}, micro-batch {combo[3]} ({combo[0]} {combo[1]}): "
-                  f"{mem:.3f}")
+            print(f"peak memory elastic / plain KD at seq {combo[3]}, micro-batch {combo[4]} ({combo[1]} {combo[2]}, "
+                  f"{combo[0]}): {mem:.3f}")
 
 
 if __name__ == "__main__":

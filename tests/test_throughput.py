@@ -28,3 +28,19 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     # two streams overlapping on [5, 10), a nested kernel, a gap [20, 30), touching intervals
     assert bench.covered([(0, 10), (5, 15), (6, 7), (30, 40), (40, 45)]) == 30
     assert bench.covered([]) == 0
+
+
+def test_fused_grouped_mlp_only_for_plain_te_models_of_the_supported_shape():
+    import dataclasses
+
+    from pipeline.model.build import fused_grouped_mlp
+
+    r = load_recipe(TINY, ["model.moe_fused_grouped_mlp=true"])  # squared-ReLU experts, etp 1
+    assert fused_grouped_mlp(r, use_te=True, plain=True)
+    assert not fused_grouped_mlp(r, use_te=True, plain=False)  # elastic student / QAD: masks, quantisers on fc1/fc2
+    assert not fused_grouped_mlp(r, use_te=False, plain=True)  # megatron's local experts
+    assert not fused_grouped_mlp(load_recipe(TINY), use_te=True, plain=True)  # the key off (default)
+    gated = dataclasses.replace(r, model=dataclasses.replace(r.model, activation="swiglu"))
+    assert not fused_grouped_mlp(gated, use_te=True, plain=True)
+    etp2 = dataclasses.replace(r, parallelism=dataclasses.replace(r.parallelism, etp=2))
+    assert not fused_grouped_mlp(etp2, use_te=True, plain=True)

@@ -30,6 +30,10 @@ class ModelConfig:
     # exist (GPU with mamba-ssm and causal-conv1d or its te_kernels stand-in; always off on CPU). Off by default
     # until measured on the GPU (docs/throughput.md)
     mamba_mem_eff_path: bool = False
+    # TE's fused grouped expert MLP (megatron's TE op-fuser path: fc1 + weighted squared ReLU + fc2, fewer host
+    # launches) for models without elastic masks or quantisers (pretrain, teachers, evaluation): TE backend,
+    # squared-ReLU experts, expert TP 1. Off by default until measured on the GPU (docs/throughput.md)
+    moe_fused_grouped_mlp: bool = False
     num_layers: int = value(3, ge=1)
     pattern: str = value("M*E", nonempty=True)  # one symbol per layer: M Mamba-2, * attention, E MoE, - dense MLP
     hidden_size: int = value(64, ge=1)

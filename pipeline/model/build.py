@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state
+from megatron.core.activations import squared_relu as mcore_squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 
@@ -76,13 +77,24 @@ def mamba_kernels(mem_eff_path: bool) -> str:
     return "triton mem-eff" if mem_eff_path and mamba_mem_eff_available() else "triton"
 
 
+def fused_grouped_mlp(recipe: Recipe, use_te: bool, plain: bool) -> bool:
+    """Whether the experts run TE's fused grouped MLP (``model.moe_fused_grouped_mlp``): only in plain models
+    (an elastic student's width mask and QAD's quantisers sit on fc1 / fc2, which the fused op bypasses), on
+    the TE path, with megatron's supported shape (non-gated squared ReLU, expert TP 1)."""
+    m = recipe.model
+    return (m.moe_fused_grouped_mlp and plain and use_te and "E" in m.pattern and m.activation == "squared_relu"
+            and recipe.parallelism.etp == 1)
+
+
 def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_cpu_init: bool = False,
-                       use_te: Optional[bool] = None, fp8: str = "none") -> TransformerConfig:
+                       use_te: Optional[bool] = None, fp8: str = "none", plain: bool = True) -> TransformerConfig:
+    """``plain``: no elastic masks or quantiser hooks will be attached (see ``fused_grouped_mlp``)."""
     m, p = recipe.model, recipe.parallelism
     has_moe = "E" in m.pattern
     bf16 = dtype == torch.bfloat16
     te = recipe_uses_te(m) if use_te is None else use_te
     quant = fp8_settings(fp8, te)
+    fused_mlp = fused_grouped_mlp(recipe, te, plain)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -94,7 +106,8 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         layernorm_epsilon=m.norm_eps,
         add_bias_linear=False,
         gated_linear_unit=False,
-        activation_func=ACTIVATIONS[m.activation],
+        # the fused grouped MLP recognises megatron's own squared ReLU (the same formula, torch.compile'd)
+        activation_func=mcore_squared_relu if fused_mlp else ACTIVATIONS[m.activation],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
@@ -122,6 +135,9 @@ def transformer_config(recipe: Recipe, dtype: torch.dtype = torch.float32, use_c
         moe_grouped_gemm=te and has_moe,
         # TE's fused token permute / unpermute (fewer small kernels per MoE layer) where it imports
         moe_permute_fusion=te and has_moe and _te_fused_permute(),
+        # TE's fused grouped MLP (op fuser: fc1 + weighted squared ReLU + fc2) where fused_grouped_mlp allows it
+        use_transformer_engine_op_fuser=fused_mlp,
+        use_fused_weighted_squared_relu=fused_mlp,
         # FP8 grouped GEMMs need every expert's token count padded to a multiple of 16
         moe_router_padding_for_quantization=bool(quant) and has_moe,
         # parallelism
@@ -216,7 +232,8 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32, pre_process=
         raise UserError(f"parallelism.cp = {recipe.parallelism.cp} with attention layers needs Transformer Engine "
                         f"(model.backend = {recipe.model.backend} resolved to megatron's local attention, which has "
                         "no context parallelism)")
-    config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8)
+    config = transformer_config(recipe, dtype, use_cpu_init=cpu, use_te=use_te, fp8=fp8,
+                                plain=spec_transform is None)
     model = hybrid_model(recipe, config, use_te, pre_process, post_process, spec_transform=spec_transform)
     if recipe.parallelism.recompute == "selective" and "mamba" in recipe.parallelism.recompute_modules:
         from pipeline.model.recompute import recompute_mamba_mixers

@@ -27,11 +27,13 @@ case "${1:-}" in
       # stages are skipped: repeat this phase on the warm machine until the tables print (2 calls)
     timeout 560 python3 bench/bench_fp8.py --root /tmp/fp8 --steps 100 training.global_batch_size=4 2>&1 \
       | tee "$out/fp8.log" | quiet | tail -30 ;;
-  4)  # issue 15: FP8 and local steps; the fused Mamba path
-    timeout 300 python3 bench/bench_throughput.py --recipe recipes/proxy_1b.yaml --combos te:fp8,local:bf16 \
-      --memory-seq 0 --json "$out/throughput_more.json" 2>&1 | tee "$out/throughput_more.log" | quiet | tail -12
-    GPU_RESULTS=$out/gpu.jsonl timeout 240 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-      tests/gpu/test_mamba_mem_eff.py 2>&1 | tee "$out/tests.log" | quiet | tail -20 ;;
+  4)  # issue 15: the fused Mamba path and TE's fused grouped expert MLP, each against its unfused path, then
+      # both timed side by side with the recipe (TE bf16, seq 4096) (7 min est.)
+    GPU_RESULTS=$out/gpu.jsonl timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
+      tests/gpu/test_mamba_mem_eff.py tests/gpu/test_fused_grouped_mlp.py 2>&1 | tee "$out/tests.log" | quiet | tail -20
+    timeout 340 python3 bench/bench_throughput.py --recipe recipes/proxy_1b.yaml --combos te:bf16 --memory-seq 0 \
+      --variant fused-mlp:model.moe_fused_grouped_mlp=true --variant mem-eff:model.mamba_mem_eff_path=true \
+      --json "$out/throughput_variants.json" 2>&1 | tee "$out/throughput_variants.log" | quiet | grep -v "^ *$" | tail -14 ;;
   5)  # issues 16, 13: quantisation kernels, the QAD step's cost, NaN/Inf on CUDA
     GPU_RESULTS=$out/gpu.jsonl timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       tests/gpu/test_quant_kernels.py tests/gpu/test_divergence_gpu.py 2>&1 | tee "$out/tests.log" | quiet | tail -20
