@@ -8,7 +8,7 @@ Engines (transformers NemotronH, mamba-ssm / causal-conv1d kernels when installe
   rows gathered once per call (``parametrize.cached``, as generate and budget-eval run it);
 - ``sliced``: every budget a contiguous copy (the model ``slice`` writes, bit for bit, built in memory);
 - ``megatron``: every budget sliced into megatron-core (``slice --format megatron``) and run in megatron's static
-  inference mode (KV cache + Mamba states, greedy; pipeline/inference/megatron_engine.py): batch 1 only.
+  inference mode (KV cache + Mamba states, greedy; pipeline/inference/megatron_engine.py).
 Same batch, prompt and decode lengths, dtype (bf16) for every row. Prefill: one forward of
 batch x prompt-len tokens (no cache), median of --repeats after a warm-up. Decode: ``generate`` of exactly
 decode-len new tokens greedy, minus the prefill time, median of --repeats. Parameter memory: the bytes of
@@ -67,28 +67,28 @@ def measure(model, batch: int, prompt_len: int, decode_len: int, repeats: int, v
             "prefill_s": prefill, "generate_s": full}
 
 
-def measure_megatron(model, prompt_len: int, decode_len: int, repeats: int, vocab: int) -> dict:
-    """Batch 1: the prompt's forward into fresh static-inference states, then ``greedy_generate`` (prompt +
-    decode-len tokens); decode = generate - prefill, as for transformers."""
+def measure_megatron(model, batch: int, prompt_len: int, decode_len: int, repeats: int, vocab: int) -> dict:
+    """The prompts' forward into fresh static-inference states, then ``greedy_generate`` (prompts + decode-len
+    tokens); decode = generate - prefill, as for transformers."""
     from megatron.core.inference.contexts.static_context import StaticInferenceContext
     from megatron.core.inference.utils import InferenceMode
 
     from pipeline.inference.megatron_engine import greedy_generate
 
     device = next(model.parameters()).device
-    x = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    positions = torch.arange(prompt_len, device=device).unsqueeze(0)
+    x = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(prompt_len, device=device).unsqueeze(0).expand(batch, -1)
 
     def prefill():
         with torch.no_grad(), InferenceMode.active():
-            model(x, positions, None, inference_context=StaticInferenceContext(1, prompt_len + decode_len),
+            model(x, positions, None, inference_context=StaticInferenceContext(batch, prompt_len + decode_len),
                   runtime_gather_output=True)
 
     first = timed(prefill, repeats)
     full = timed(lambda: greedy_generate(model, x, decode_len), repeats)
     decode = max(full - first, 1e-9)
-    return {"prefill_tok_s": prompt_len / first, "decode_tok_s": decode_len / decode, "prefill_s": first,
-            "generate_s": full}
+    return {"prefill_tok_s": batch * prompt_len / first, "decode_tok_s": batch * decode_len / decode,
+            "prefill_s": first, "generate_s": full}
 
 
 def megatron_models(args, family, names, dtype) -> dict:
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="elastic checkpoint directory")
     ap.add_argument("--make-checkpoint", action="store_true", help="write a random-init one there first")
     ap.add_argument("--engines", nargs="+", default=["views", "sliced"], choices=["views", "sliced", "megatron"],
-                    help="megatron: each budget sliced into megatron-core, its static inference (batch 1)")
+                    help="megatron: each budget sliced into megatron-core, run in its static inference mode")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--decode-len", type=int, default=128)
@@ -131,9 +131,6 @@ def main() -> None:
     from pipeline.inference.random_checkpoint import make_random_checkpoint
     from pipeline.inference.views import gathered_bytes, parameter_bytes
 
-    if "megatron" in args.engines and args.batch != 1:
-        sys.exit("error: --engines megatron decodes one sequence at a time (pipeline/inference/megatron_engine.py): "
-                 "pass --batch 1")
     quiet_transformers()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.make_checkpoint:
@@ -159,7 +156,7 @@ def main() -> None:
             held = parameter_bytes([family.full, *models.values()])
         for n in names:
             if engine == "megatron":
-                r = measure_megatron(models[n], args.prompt_len, args.decode_len, args.repeats, vocab)
+                r = measure_megatron(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
             else:
                 r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
             r.update(engine=engine, budget=n, active_params=family.active_params(n),

@@ -250,8 +250,8 @@ def _install_host_split_sizes() -> None:
 
 
 def _install_mamba_kernels() -> None:
-    """The Mamba mixer's Triton SSD scan and gated RMSNorm -> the plain-PyTorch versions in te_kernels; its
-    decode-step kernels -> megatron's own PyTorch fallbacks."""
+    """The Mamba mixer's Triton SSD scan, gated RMSNorm and decode-step kernels -> the plain-PyTorch versions in
+    te_kernels."""
     from megatron.core.ssm import mamba_mixer
 
     if mamba_mixer.HAVE_MAMBA_SSM and mamba_mixer.mamba_chunk_scan_combined is not None:
@@ -269,9 +269,11 @@ def _install_mamba_kernels() -> None:
                 self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
-    # static-inference decode: megatron's own PyTorch fallbacks (None selects them) instead of its Triton kernels
-    mamba_mixer.causal_conv1d_update = None
-    mamba_mixer.selective_state_update = None
+    # inference decode steps: PyTorch references of its Triton kernels (its own fallbacks are right at batch 1 only)
+    from te_kernels.mamba_decode_torch import causal_conv1d_update, selective_state_update
+
+    mamba_mixer.causal_conv1d_update = causal_conv1d_update
+    mamba_mixer.selective_state_update = selective_state_update
     mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
     mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
     mamba_mixer.RMSNormGated = GatedRMSNorm

@@ -44,10 +44,10 @@ case "${1:-}" in
     GPU_RESULTS=$out/gpu.jsonl timeout 560 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       tests/gpu/test_elastic_stage_gpu.py 2>&1 | tee "$out/tests.log" | quiet | tail -20 ;;
   7)  # issue 17: the views test's corrected bound; the engine choice (megatron-core static inference vs
-      # transformers, batch 1, each proxy budget)
+      # transformers, batch 1 and 8, each proxy budget)
     GPU_RESULTS=$out/gpu.jsonl timeout 560 python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       "tests/gpu/test_budget_inference_gpu.py::test_views_on_gpu_equal_sliced_and_add_no_memory" \
-      "tests/gpu/test_budget_inference_gpu.py::test_proxy_megatron_engine_vs_transformers_batch1" \
+      "tests/gpu/test_budget_inference_gpu.py::test_proxy_megatron_engine_vs_transformers" \
       2>&1 | tee "$out/tests.log" | quiet | tail -30 ;;
   *) echo "usage: bash tests/gpu/run_pending.sh 0|1|2|3|4|5|6|7" >&2; exit 2 ;;
 esac
