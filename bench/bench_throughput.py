@@ -222,8 +222,31 @@ def allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int,
-              variant: str = "recipe"):
+FAILED = []
+
+
+def run_combo(*a, **k) -> None:
+    """``measure_combo``; a combination that fails is reported (one line and the last frames) and the bench goes on
+    with the others (their figures stand); the exit status says that one failed."""
+    import traceback
+
+    try:
+        measure_combo(*a, **k)
+    except Exception as e:  # noqa: BLE001 - any failure of one variant (OOM, a kernel's refusal) is reported
+        label = " ".join(str(x) for x in a[2:6])
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        FAILED.append(f"{k.get('variant', 'recipe')} {label}: {type(e).__name__}: {first_line}")
+        print(f"  FAILED {FAILED[-1]}", flush=True)
+        if not isinstance(e, UserError):  # a recipe mistake is its one line; anything else shows where
+            traceback.print_exc(limit=-4)
+        parallel.shutdown()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int,
+                  variant: str = "recipe"):
     from pipeline.elastic.task import ElasticTask
     from pipeline.inference.views import parameter_bytes
     from pipeline.training import metrics
@@ -256,8 +279,8 @@ def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int,
                      "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
                      "mfu": tps * fpt / (peak_tflops * 1e12) if peak_tflops else float("nan"), "peak_gib": mem})
         r = rows[-1]
-        print(f"  {variant:8s} {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  {tps:10,.0f} tok/s  "
-              f"{r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak {mem:7.2f} GiB", flush=True)
+        print(f"  {variant:8s} {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  "
+              f"{tps:10,.0f} tok/s  {r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak {mem:7.2f} GiB", flush=True)
 
     lm = LMTask(recipe, "stage1")
     lm.device = device
@@ -401,7 +424,7 @@ def main() -> None:
         for backend, precision in combos:
             for size in sizes:  # Triton autotunes once per shape: later combinations warm up less
                 run_combo(args, args.overrides + extra, backend, precision, seq, size, ("pretrain", "kd", "elastic"),
-                          rows, args.warmup if first else min(args.warmup, 1), variant)
+                          rows, args.warmup if first else min(args.warmup, 1), variant=variant)
                 first = False
     if args.memory_seq:
         backend, precision = combos[-1] if combos[-1][1] != "fp8" else combos[min(1, len(combos) - 1)]
@@ -417,8 +440,8 @@ def main() -> None:
         for backend, precision in combos:
             run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows, 1)
     print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
-    print("| variant | backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | elastic tok/s | "
-          "MFU | KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
+    print("| variant | backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | "
+          "elastic tok/s | MFU | KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for combo in dict.fromkeys(combo_of(r) for r in rows):
         by = {r["step"]: r for r in rows if combo_of(r) == combo}
@@ -441,6 +464,8 @@ def main() -> None:
         if mem == mem:  # not nan
             print(f"peak memory elastic / plain KD at seq {combo[3]}, micro-batch {combo[4]} ({combo[1]} {combo[2]}, "
                   f"{combo[0]}): {mem:.3f}")
+    if FAILED:
+        sys.exit("failed: " + "; ".join(FAILED))
 
 
 if __name__ == "__main__":

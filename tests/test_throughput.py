@@ -44,3 +44,22 @@ def test_fused_grouped_mlp_only_for_plain_te_models_of_the_supported_shape():
     assert not fused_grouped_mlp(gated, use_te=True, plain=True)
     etp2 = dataclasses.replace(r, parallelism=dataclasses.replace(r.parallelism, etp=2))
     assert not fused_grouped_mlp(etp2, use_te=True, plain=True)
+
+
+def test_bench_times_each_variant_and_reports_a_failed_one(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_throughput.py"), "--recipe", TINY,
+                           "--steps", "1", "--warmup", "1", "--memory-seq", "0", "--variant", "bad:model.pattern=QQQ",
+                           "--json", str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "FAILED bad" in proc.stdout and "unknown layer symbol" in proc.stderr
+    rows = json.load(open(out))["rows"]
+    assert [(r["variant"], r["step"]) for r in rows] == [("recipe", "pretrain"), ("recipe", "kd"), ("recipe", "elastic")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
