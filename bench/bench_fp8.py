@@ -6,9 +6,9 @@ Runs the CLI as users do (one process per run, same seed, same synthetic stream)
 the importance stage once on the bf16 parent; stage 1 from that permuted parent in bf16 and in FP8 (student and
 teacher in FP8). Prints, per stage and precision, tokens/s/GPU (median of the logged intervals after the first,
 which holds compilation and autotuning), the loss at the last step and its mean over the last 10 steps, and
-FP8's relative difference to bf16; then each stage-1 student's validation loss per budget (``evaluate``, bf16),
-the like-for-like comparison (one step's stage-1 loss is one budget's subnet, which the two routers may pick
-differently). A stage whose output exists is not re-run: repeat the command to continue after a time limit.
+FP8's relative difference to bf16; the two loss curves side by side (every tenth of the run); then each stage-1
+student's validation loss per budget (``evaluate``, bf16), the like-for-like comparison (one step's stage-1 loss
+is one budget's subnet, which the two routers may pick differently). A stage whose output exists is not re-run: repeat the command to continue after a time limit.
 Needs a GPU with FP8 (Hopper) and transformer_engine.
 """
 
@@ -44,7 +44,22 @@ def summary(stage_dir: str) -> dict:
     speeds = [r["tokens_per_s_per_gpu"] for r in rows if "tokens_per_s_per_gpu" in r][1:]
     return {"tokens_per_s": statistics.median(speeds) if speeds else float("nan"), "last_step": rows[-1]["step"],
             "loss_last": rows[-1]["loss"], "loss_last10": statistics.mean(r["loss"] for r in rows[-10:]),
-            "mem_gib": max((r.get("mem_gib", 0.0) for r in rows), default=0.0)}
+            "mem_gib": max((r.get("mem_gib", 0.0) for r in rows), default=0.0),
+            "curve": {r["step"]: r["loss"] for r in rows}}
+
+
+def print_curves(results: dict, every: int) -> None:
+    """The loss of every ``every``-th step, bf16 and FP8 side by side, per stage."""
+    for stage in dict.fromkeys(s for s, _ in results):
+        if (stage, "fp8") not in results:
+            continue
+        a, b = results[(stage, "bf16")]["curve"], results[(stage, "fp8")]["curve"]
+        steps = [s for s in sorted(a) if s in b and (s % every == 0 or s == 1)]
+        print(f"\n{stage}: loss per step, bf16 vs FP8")
+        print("| step | bf16 | FP8 | FP8 vs bf16 |")
+        print("|---|---|---|---|")
+        for s in steps:
+            print(f"| {s} | {a[s]:.4f} | {b[s]:.4f} | {(b[s] - a[s]) / a[s]:+.2%} |")
 
 
 def main() -> None:
@@ -90,6 +105,7 @@ def main() -> None:
         rel = "" if precision == "bf16" else f"{(r['loss_last10'] - base) / base:+.2%}"
         print(f"| {stage} | {precision if precision == 'bf16' else 'fp8-' + args.fp8} | {r['tokens_per_s']:,.0f} | "
               f"{r['loss_last']:.4f} | {r['loss_last10']:.4f} | {rel} | {r['mem_gib']:.1f} |")
+    print_curves(results, max(1, args.steps // 10))
     if scored:
         print("\nstage-1 students, validation loss per budget (bf16 evaluation of each run's checkpoint):")
         print("| budget | bf16-trained | FP8-trained | FP8 vs bf16 | untrained slice |")
@@ -97,7 +113,7 @@ def main() -> None:
         for b16, b8 in zip(scored["bf16"]["budgets"], scored["fp8"]["budgets"]):
             print(f"| {b16['name']} | {b16['trained']:.4f} | {b8['trained']:.4f} | "
                   f"{(b8['trained'] - b16['trained']) / b16['trained']:+.2%} | {b16['untrained']:.4f} |")
-    print(json.dumps({**{f"{s}/{p}": r for (s, p), r in results.items()},
+    print(json.dumps({**{f"{s}/{p}": {k: v for k, v in r.items() if k != "curve"} for (s, p), r in results.items()},
                       **{f"evaluate/{p}": v["budgets"] for p, v in scored.items()}}))
 
 
