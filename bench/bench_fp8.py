@@ -8,8 +8,8 @@ teacher in FP8). Prints, per stage and precision, tokens/s/GPU (median of the lo
 which holds compilation and autotuning), the loss at the last step and its mean over the last 10 steps, and
 FP8's relative difference to bf16; the two loss curves side by side (every tenth of the run); then each stage-1
 student's validation loss per budget (``evaluate``, bf16), the like-for-like comparison (one step's stage-1 loss
-is one budget's subnet, which the two routers may pick differently). A stage whose output exists is not re-run: repeat the command to continue after a time limit.
-Needs a GPU with FP8 (Hopper) and transformer_engine.
+is one budget's subnet, which the two routers may pick differently). A stage whose output exists is not re-run:
+repeat the command to continue after a time limit. Needs a GPU with FP8 (Hopper) and transformer_engine.
 """
 
 from __future__ import annotations
