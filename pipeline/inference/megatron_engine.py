@@ -61,7 +61,7 @@ def load_budget_model(recipe, elastic_dir: str, model_cfg, budget, work_dir: str
 
 
 def _forward(model, tokens: torch.Tensor, start: int, context) -> torch.Tensor:
-    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
     logits = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
     context.sequence_len_offset += tokens.shape[1]
     return logits[:, -1]
