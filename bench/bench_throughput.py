@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from functools import partial
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,11 +61,12 @@ def default_combos() -> str:
 
 
 class Bench:
-    def __init__(self, args, recipe, device):
+    def __init__(self, args, recipe, device, warmup: int, profiling: bool = False):
+        """``profiling``: ``measure`` profiles its steps (``profile``) instead of timing them."""
         self.args, self.recipe, self.device = args, recipe, device
         self.t = recipe.stage1.training
         self.cuda = device.type == "cuda"
-        self.warmup = args.warmup
+        self.warmup, self.profiling = warmup, profiling
 
     def sync(self):
         if self.cuda:
@@ -100,8 +102,9 @@ class Bench:
         stream = synthetic_batches(self.recipe.model.vocab_size, seq, self.recipe.run.seed, 0, mbs, 0, 1)
         return [next(stream) for _ in range(self.args.micro_batches)]
 
-    def measure(self, ddp, opt, task, batches, seq: int, mbs: int, label: str = ""):
-        """(median seconds per step, peak GiB) over --steps steps after --warmup."""
+    @staticmethod
+    def stepper(ddp, opt, task, batches, seq: int, mbs: int):
+        """``step(i)``: training step i as the Trainer runs it."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step(i):
@@ -113,10 +116,15 @@ class Bench:
                                         micro_batch_size=mbs, forward_only=False, **task.schedule_kwargs())
             opt.step()
 
+        return step
+
+    def measure(self, ddp, opt, task, batches, seq: int, mbs: int, label: str = ""):
+        """(median seconds per step, peak GiB) over --steps steps after the warm-up; None when profiling."""
+        step = self.stepper(ddp, opt, task, batches, seq, mbs)
         for i in range(self.warmup):
             step(i)
         self.sync()
-        if self.args.profiling:
+        if self.profiling:
             print(f"\n== {label} ==", flush=True)
             self.profile(step, self.warmup)
             return None
@@ -222,31 +230,30 @@ def allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-FAILED = []
-
-
-def run_combo(*a, **k) -> None:
-    """``measure_combo``; a combination that fails is reported (one line and the last frames) and the bench goes on
-    with the others (their figures stand); the exit status says that one failed."""
+def run_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int,
+              variant: str = "recipe", profiling: bool = False) -> Optional[str]:
+    """``measure_combo``; None, or for a combination that failed its one-line report (printed with the last frames)
+    while the bench goes on with the others (their figures stand)."""
     import traceback
 
     try:
-        measure_combo(*a, **k)
+        measure_combo(args, overrides, backend, precision, seq, mbs, kinds, rows, warmup, variant, profiling)
+        return None
     except Exception as e:  # noqa: BLE001 - any failure of one variant (OOM, a kernel's refusal) is reported
-        label = " ".join(str(x) for x in a[2:6])
         first_line = str(e).splitlines()[0] if str(e) else ""
-        FAILED.append(f"{k.get('variant', 'recipe')} {label}: {type(e).__name__}: {first_line}")
-        print(f"  FAILED {FAILED[-1]}", flush=True)
+        failure = f"{variant} {backend} {precision} {seq} {mbs}: {type(e).__name__}: {first_line}"
+        print(f"  FAILED {failure}", flush=True)
         if not isinstance(e, UserError):  # a recipe mistake is its one line; anything else shows where
             traceback.print_exc(limit=-4)
         parallel.shutdown()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return failure
 
 
 def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: int, kinds, rows, warmup: int,
-                  variant: str = "recipe"):
+                  variant: str, profiling: bool):
     from pipeline.elastic.task import ElasticTask
     from pipeline.inference.views import parameter_bytes
     from pipeline.training import metrics
@@ -258,8 +265,7 @@ def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: 
         f"model.backend={backend}", f"stage1.training.fp8={fp8}", f"stage1.training.seq_length={seq}",
         f"stage1.training.micro_batch_size={mbs}"])
     device = parallel.initialize(recipe)
-    bench = Bench(args, recipe, device)
-    bench.warmup = warmup
+    bench = Bench(args, recipe, device, warmup, profiling)
     bf16 = precision != "fp32"
     batches = bench.batches(mbs, seq)
     tokens = len(batches) * mbs * seq
@@ -274,9 +280,7 @@ def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: 
         fpt = metrics.flops_per_token(recipe.model, seq, teacher_forward=teacher)
         tps = tokens / seconds
         rows.append({"variant": variant, "backend": backend, "precision": precision, "seq": seq, "mbs": mbs,
-                     "step": kind,
-                     "seconds": seconds,
-                     "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
+                     "step": kind, "seconds": seconds, "tokens_per_s": tps, "tflops": tps * fpt / 1e12,
                      "mfu": tps * fpt / (peak_tflops * 1e12) if peak_tflops else float("nan"), "peak_gib": mem})
         r = rows[-1]
         print(f"  {variant:8s} {backend:5s} {precision:4s} seq {seq:5d} mb {mbs:2d} {kind:8s} {seconds:8.4f} s  "
@@ -285,6 +289,7 @@ def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: 
     lm = LMTask(recipe, "stage1")
     lm.device = device
     teacher = None
+    combo = f"{variant} {backend} {precision} seq {seq} mb {mbs}"
 
     def own(measured, base, resident=0.0):
         """(seconds, this step's models' peak): megatron's DDP keeps a deleted model's tensors alive (its grad
@@ -298,20 +303,19 @@ def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: 
 
     if "save" in kinds:  # the pretrain model after one step (its optimizer state exists), saved sync and async
         ddp, opt = bench.trained(lm, bf16)
-        bench.measure(ddp, opt, lm, batches, seq, mbs)
+        bench.stepper(ddp, opt, lm, batches, seq, mbs)(0)
         save_stall(args.save_stall, ddp, opt, bench.sync)
         del ddp, opt
     if "pretrain" in kinds or "kd" in kinds:
         base = allocated_gib()
         ddp, opt = bench.trained(lm, bf16)
         if "pretrain" in kinds:
-            label = f"{backend} {precision} seq {seq} pretrain"
-            record("pretrain", own(bench.measure(ddp, opt, lm, batches, seq, mbs, label), base), teacher=False)
+            record("pretrain", own(bench.measure(ddp, opt, lm, batches, seq, mbs, f"{combo} pretrain"), base),
+                   teacher=False)
         teacher = bench.teacher(bf16)
         if "kd" in kinds:
             kd = kd_task(lm, teacher, chunk, e.kd_temperature)
-            label = f"{backend} {precision} seq {seq} kd"
-            record("kd", own(bench.measure(ddp, opt, kd, batches, seq, mbs, label), base), teacher=True)
+            record("kd", own(bench.measure(ddp, opt, kd, batches, seq, mbs, f"{combo} kd"), base), teacher=True)
         del ddp, opt
         gc.collect()  # what Python holds of the plain student (its tensors may stay allocated: see own())
         if torch.cuda.is_available():
@@ -323,8 +327,7 @@ def measure_combo(args, overrides, backend: str, precision: str, seq: int, mbs: 
         ddp, opt = bench.trained(task, bf16)
         task.attach([ddp], teacher, device)
         resident = parameter_bytes([teacher]) / 2**30
-        label = f"{backend} {precision} seq {seq} elastic"
-        record("elastic", own(bench.measure(ddp, opt, task, batches, seq, mbs, label), base, resident),
+        record("elastic", own(bench.measure(ddp, opt, task, batches, seq, mbs, f"{combo} elastic"), base, resident),
                teacher=True)
         del ddp, opt, task
     del teacher
@@ -405,7 +408,6 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write every measured row to this file")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args()
-    args.profiling = False  # the timed pass first, then (--profile) the profiled one
     try:
         base = load_recipe(args.recipe, args.overrides)
     except UserError as e:
@@ -417,28 +419,30 @@ def main() -> None:
     print(f"{os.path.basename(args.recipe)} | {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
           f" | {args.micro_batches} micro-batches x {'/'.join(map(str, sizes))} x {seq} tokens per step | median of "
           f"{args.steps} steps after {args.warmup}", flush=True)
-    rows = []
+    rows, failed = [], []
     start = time.perf_counter()
     first = True
     for variant, extra in [("recipe", [])] + args.variant:
         for backend, precision in combos:
             for size in sizes:  # Triton autotunes once per shape: later combinations warm up less
-                run_combo(args, args.overrides + extra, backend, precision, seq, size, ("pretrain", "kd", "elastic"),
-                          rows, args.warmup if first else min(args.warmup, 1), variant=variant)
+                failed.append(run_combo(args, args.overrides + extra, backend, precision, seq, size,
+                                        ("pretrain", "kd", "elastic"), rows,
+                                        args.warmup if first else min(args.warmup, 1), variant))
                 first = False
     if args.memory_seq:
         backend, precision = combos[-1] if combos[-1][1] != "fp8" else combos[min(1, len(combos) - 1)]
         long_mbs = max(1, mbs * seq // args.memory_seq)
-        run_combo(args, args.overrides, backend, precision, args.memory_seq, long_mbs, ("kd", "elastic"), rows,
-                  min(args.warmup, 1))
+        failed.append(run_combo(args, args.overrides, backend, precision, args.memory_seq, long_mbs,
+                                ("kd", "elastic"), rows, min(args.warmup, 1)))
     if args.save_stall:  # after the timed steps: the async writer's process must not share their time
         backend, precision = combos[0]
-        run_combo(args, args.overrides, backend, precision, seq, mbs, ("save",), rows, 1)
+        failed.append(run_combo(args, args.overrides, backend, precision, seq, mbs, ("save",), rows, 1))
     if args.profile:  # after every timed step: the profiler leaves per-launch overhead behind in this process
-        args.profiling = True
         print(f"\nprofiling pass: where each step's time goes ({args.profile} rows per table)", flush=True)
         for backend, precision in combos:
-            run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"), rows, 1)
+            failed.append(run_combo(args, args.overrides, backend, precision, seq, mbs, ("pretrain", "kd", "elastic"),
+                                    rows, 1, profiling=True))
+    failed = [f for f in failed if f]
     print(f"\nsummary ({time.perf_counter() - start:.0f} s):")
     print("| variant | backend | precision | seq | micro-batch | pretrain tok/s | MFU | KD tok/s | MFU | "
           "elastic tok/s | MFU | KD / pretrain step | elastic / KD step | peak GiB pretrain / KD / elastic |")
@@ -464,8 +468,8 @@ def main() -> None:
         if mem == mem:  # not nan
             print(f"peak memory elastic / plain KD at seq {combo[3]}, micro-batch {combo[4]} ({combo[1]} {combo[2]}, "
                   f"{combo[0]}): {mem:.3f}")
-    if FAILED:
-        sys.exit("failed: " + "; ".join(FAILED))
+    if failed:
+        sys.exit("failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

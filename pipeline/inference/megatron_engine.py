@@ -84,7 +84,7 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> Tuple[torch
     with InferenceMode.active():
         logits = _forward(model, tokens, 0, context)
         for i in range(new_tokens):
-            chosen.append(logits.float())
+            chosen.append(logits)  # kept as computed: no copy on the decode path
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
             if i + 1 < new_tokens:
                 logits = _forward(model, tokens[:, -1:], tokens.shape[1] - 1, context)

@@ -147,7 +147,7 @@ def test_proxy_megatron_engine_vs_transformers(proxy_ckpt, tmp_path, record):
             with torch.no_grad():
                 positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(2, -1)
                 uncached = mc(tokens, positions, None, runtime_gather_output=True)[:, prompt.shape[1] - 1:-1].float()
-            cached = torch.stack(steps, dim=1)
+            cached = torch.stack(steps, dim=1).float()
             scale = uncached.abs().max().item()
             assert (cached - uncached).abs().max().item() <= 0.05 * scale, n  # bf16 rounding, batch rows apart
             for batch in (1, 8):
