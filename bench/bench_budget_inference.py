@@ -147,18 +147,15 @@ def main() -> None:
     rows = []
     for engine in args.engines:
         if engine == "megatron":
-            fam, models = None, megatron_models(args, family, names, dtype)
+            fam, models, timing = None, megatron_models(args, family, names, dtype), measure_megatron
             held = parameter_bytes(list(models.values()))
         else:
             fam = Family(family.dir, family.full, family.model_cfg, family.budgets, family.base_cfg,
                          family.tokenizer, engine)
-            models = {n: fam.model(n) for n in names}
+            models, timing = {n: fam.model(n) for n in names}, measure
             held = parameter_bytes([family.full, *models.values()])
         for n in names:
-            if engine == "megatron":
-                r = measure_megatron(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
-            else:
-                r = measure(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
+            r = timing(models[n], args.batch, args.prompt_len, args.decode_len, args.repeats, vocab)
             r.update(engine=engine, budget=n, active_params=family.active_params(n),
                      params=int(family.budget(n).subnet.count(family.model_cfg).total),
                      gathered_bytes_per_call=0 if engine == "megatron" else gathered_bytes(models[n]),
