@@ -44,6 +44,7 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
     import torch
 
     from pipeline.config.load import for_stage, load_recipe
+    from pipeline.model import memory_plan
     from pipeline.model.memory_plan import plan
     from pipeline.model.spec import use_te
     from pipeline.training.loop import Trainer
@@ -67,7 +68,36 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
     mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0,
               te=use_te(r.model))  # the backend this machine resolves auto to
     return {"stage": stage, "seq": seq, "recompute": recompute, "measured": measured, "plan": mp.total,
-            "terms": [(n, b) for n, b, _ in mp.lines]}
+            "terms": [(n, b) for n, b, _ in mp.lines], "causal_conv1d": memory_plan.causal_conv1d()}
+
+
+def replan(recipe_path: str, rows: list) -> list:
+    """Measured rows of an earlier run (--out JSON) against this code's plan for the same cases, as that machine
+    resolved the Mamba conv kernel (rows without the flag: the setting that reproduces their Mamba term)."""
+    from pipeline.model import memory_plan
+
+    found = memory_plan.causal_conv1d
+    try:
+        return [_replan_row(recipe_path, row) for row in rows]
+    finally:
+        memory_plan.causal_conv1d = found
+
+
+def _replan_row(recipe_path: str, row: dict) -> dict:
+    from pipeline.config.load import for_stage, load_recipe
+    from pipeline.model import memory_plan
+
+    r = for_stage(load_recipe(recipe_path, overrides(row["stage"], row["seq"], row["recompute"], "/nonexistent")),
+                  row["stage"])
+    options = [row["causal_conv1d"]] if "causal_conv1d" in row else [True, False]
+    stored = dict((n, b) for n, b in row.get("terms", []))
+    for available in options:
+        memory_plan.causal_conv1d = lambda available=available: available
+        mp = memory_plan.plan(r, row["stage"], gpus=1, gpu_gib=140.0, te=True)
+        mine = dict((n, b) for n, b, _ in mp.lines)
+        if len(options) == 1 or abs(mine.get("activations mamba", 0) - stored.get("activations mamba", 0)) < 1:
+            break
+    return dict(row, plan=mp.total, terms=[(n, b) for n, b, _ in mp.lines], causal_conv1d=available)
 
 
 def make_teacher(recipe_path: str, root: str) -> None:
@@ -107,17 +137,47 @@ def child(args) -> None:
     print("RESULT " + json.dumps(one_case(args.recipe, stage, int(seq), recompute, args.root)), flush=True)
 
 
+HEADER = f"{'stage':<9}{'seq':>7} {'recompute':<10}{'plan GiB':>10}{'measured GiB':>14}{'measured/plan':>15}"
+
+
+def row_line(row: dict) -> str:
+    return (f"{row['stage']:<9}{row['seq']:>7} {row['recompute']:<10}{row['plan'] / GIB:>10.2f}"
+            f"{row['measured'] / GIB:>14.2f}{row['measured'] / row['plan']:>15.3f}")
+
+
+def report(rows: list, out: str, table: bool = True) -> None:
+    if table:
+        print(HEADER)
+        for row in rows:
+            print(row_line(row))
+    if rows:
+        worst = max(rows, key=lambda r: abs(r["measured"] / r["plan"] - 1))
+        print(f"plan terms of the case furthest off ({worst['stage']} seq {worst['seq']} {worst['recompute']}): "
+              + ", ".join(f"{n} {b / GIB:.2f}" for n, b in worst["terms"]))
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=os.path.join(REPO, "recipes", "proxy_1b.yaml"))
     ap.add_argument("--out", default="", help="also write the rows as JSON here")
     ap.add_argument("--stages", nargs="+", default=["pretrain", "stage1"], choices=["pretrain", "stage1"],
                     help="which stages' cases (one device call each fits in 10 minutes)")
+    ap.add_argument("--replan", default="", metavar="ROWS.json",
+                    help="no GPU: print an earlier run's measured peaks (its --out file) against this code's plan")
     ap.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: one case
     ap.add_argument("--root", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         return child(args)
+    if args.replan:
+        with open(args.replan) as f:
+            saved = json.load(f)
+        rows = replan(args.recipe, saved["rows"] if isinstance(saved, dict) else saved)
+        print(f"{args.replan}: measured peaks vs this code's plan; {args.recipe}")
+        return report(rows, args.out)
     import torch
 
     if not torch.cuda.is_available():
@@ -137,24 +197,16 @@ def main() -> None:
                                                  recompute)]
     rows = []
     print(f"{torch.cuda.get_device_name(0)}, {gpu_gib:.0f} GiB; {args.recipe}")
-    print(f"{'stage':<9}{'seq':>7} {'recompute':<10}{'plan GiB':>10}{'measured GiB':>14}{'measured/plan':>15}")
+    print(HEADER)
     for stage, seq, recompute in dict.fromkeys(cases):
         proc = run(f"{stage}:{seq}:{recompute}")
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{stage:<9}{seq:>7} {recompute:<10} failed: {proc.stderr.strip().splitlines()[-1:]}")
             continue
-        row = json.loads(line[7:])
-        rows.append(row)
-        print(f"{stage:<9}{seq:>7} {recompute:<10}{row['plan'] / GIB:>10.2f}{row['measured'] / GIB:>14.2f}"
-              f"{row['measured'] / row['plan']:>15.3f}", flush=True)
-    if rows:
-        worst = max(rows, key=lambda r: abs(r["measured"] / r["plan"] - 1))
-        print(f"plan terms of the case furthest off ({worst['stage']} seq {worst['seq']} {worst['recompute']}): "
-              + ", ".join(f"{n} {b / GIB:.2f}" for n, b in worst["terms"]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        rows.append(json.loads(line[7:]))
+        print(row_line(rows[-1]), flush=True)
+    report(rows, args.out, table=False)
 
 
 if __name__ == "__main__":

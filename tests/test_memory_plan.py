@@ -11,11 +11,14 @@ shipped Nano layout's verdict. GPU peaks vs the plan: bench/bench_memory_plan.py
 """
 
 import dataclasses
+import json
+import os
+import sys
 
 import pytest
 import torch
 
-from conftest import NANO, TINY
+from conftest import NANO, ROOT, TINY
 from pipeline import parallel
 from pipeline.config import load_recipe
 from pipeline.config.load import for_stage
@@ -106,3 +109,32 @@ def test_plan_cli_and_dry_run(cli):
     assert proc.returncode == 0 and "memory plan, stage1" in proc.stdout
     proc = cli("plan", "--recipe", NANO, "--stage", "importance")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: plan --stage 'importance'")
+
+
+def test_the_plan_stays_within_10_percent_of_the_h200_peaks():
+    """The peaks measured on the H200 (tests/golden/memory_plan_h200.json: proxy_1b, pretrain and stage 1, seq 4096
+    and 64K, with and without full recompute) against this code's plan: a change to the plan that breaks the
+    issue's 10% shows here, without a GPU. The loss phase (logits) and the layer phase (a recomputed layer, MoE
+    dispatch) count once: summing them overstated stage 1 at 64K with recompute by 13%."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_memory_plan import replan
+
+    with open(os.path.join(ROOT, "tests", "golden", "memory_plan_h200.json")) as f:
+        rows = replan(os.path.join(ROOT, "recipes", "proxy_1b.yaml"), json.load(f)["rows"])
+    assert len(rows) == 8
+    ratios = {(r["stage"], r["seq"], r["recompute"]): r["measured"] / r["plan"] for r in rows}
+    assert all(0.9 <= v <= 1.1 for v in ratios.values()), ratios
+    full64 = [r for r in rows if r["seq"] == 65536 and r["recompute"] == "full" and r["stage"] == "stage1"][0]
+    summed = sum(b for _, b in full64["terms"])
+    assert full64["plan"] < summed and full64["measured"] / summed < 0.9  # what the sum of every term said
+
+
+def test_phases_count_once():
+    r = load_recipe(NANO)
+    mp = plan(r, "stage2", gpu_gib=80)
+    names = [n for n, _, _ in mp.lines]
+    assert {"kd logits", "activations recompute", "moe dispatch"} <= set(names)
+    loss = mp.term("kd logits")
+    layer = mp.term("activations recompute") + mp.term("moe dispatch")
+    stored = sum(b for n, b, _ in mp.lines if n not in ("kd logits", "activations recompute", "moe dispatch"))
+    assert mp.total == pytest.approx(stored + max(loss, layer))

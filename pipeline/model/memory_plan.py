@@ -19,6 +19,11 @@ from pipeline.model.params import Dims, layer_params
 
 GIB = 1024 ** 3
 RESERVE = 0.10  # share of the GPU kept free for the allocator's fragmentation, NCCL and CUDA context
+# Terms that live at different moments of a step: the loss's logits buffers exist from the LM head to the head's
+# backward, a layer's transients (its dispatch buffers; with recompute, the layer re-run with its full
+# activations) while that layer runs. The peak is the stored terms plus the larger phase, not their sum
+# (measured on the H200 with full recompute at 64K: the sum overstated stage 1 by 13%; tests/gpu/RESULTS.md).
+PHASES = {"lm logits": "loss", "kd logits": "loss", "activations recompute": "layer", "moe dispatch": "layer"}
 
 
 @dataclass
@@ -31,7 +36,12 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return sum(b for _, b, _ in self.lines)
+        """The peak: every stored term, plus the larger of the loss phase and the layer phase (PHASES)."""
+        phase: Dict[str, float] = {}
+        for name, b, _ in self.lines:
+            if name in PHASES:
+                phase[PHASES[name]] = phase.get(PHASES[name], 0.0) + b
+        return sum(b for n, b, _ in self.lines if n not in PHASES) + max(phase.values(), default=0.0)
 
     @property
     def fits(self) -> bool:
@@ -155,6 +165,7 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
     cfg = getattr(recipe, stage)
     p, t, m = cfg.parallelism, cfg.training, recipe.model
     te = m.backend != "local" if te is None else te  # auto: a GPU cluster runs TE
+    fused_ce = te  # model/build.py fuses the cross entropy with TE on a GPU
     gpus = gpus or stage_gpus(recipe, stage)
     model_ranks = p.tp * p.pp * p.cp
     dp = max(gpus // model_ranks, 1)
@@ -216,6 +227,10 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
             elif elastic:  # student + teacher logits, 3 fp32 terms forward_kl keeps, its fp32 and bf16 gradient
                 lines.append(("kd logits", logits * (3 * a + 4 * 4) + final,
                               f"{tokens:,.0f} tokens x {m.vocab_size / p.tp:,.0f} vocab: student+teacher + fp32 KL"))
+            elif fused_ce:  # megatron's jit-fused cross entropy (TE on a GPU): the bf16 logits and two fp32
+                # buffers at once (its functional fp32 copy, then exp / softmax, which it keeps for the backward)
+                lines.append(("lm logits", logits * (a + 4 + 4) + final,
+                              f"{tokens:,.0f} tokens x {m.vocab_size / p.tp:,.0f} vocab + 2 fp32 buffers (fused CE)"))
             else:  # logits, their fp32 copy (the vocab-parallel cross entropy's softmax), the logits' gradient
                 lines.append(("lm logits", logits * (a + 4 + a) + final,
                               f"{tokens:,.0f} tokens x {m.vocab_size / p.tp:,.0f} vocab + fp32 softmax, grad"))
@@ -238,8 +253,9 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
 def format_plan(mp: MemoryPlan) -> str:
     rows = [f"memory plan, {mp.stage}: {mp.layout}"]
     for name, b, note in mp.lines:
-        rows.append(f"  {name:<24}{b / GIB:>9.2f} GiB   {note}")
+        when = f" [{PHASES[name]} phase]" if name in PHASES else ""
+        rows.append(f"  {name:<24}{b / GIB:>9.2f} GiB   {note}{when}")
     verdict = "fits" if mp.fits else "does NOT fit"
-    rows.append(f"  {'total':<24}{mp.total / GIB:>9.2f} GiB   {verdict} a {mp.gpu_gib:g} GiB GPU "
+    rows.append(f"  {'peak':<24}{mp.total / GIB:>9.2f} GiB   stored terms + the larger phase; {verdict} a {mp.gpu_gib:g} GiB GPU "
                 f"(keeping {RESERVE:.0%} free: {mp.gpu_gib * (1 - RESERVE):.1f} GiB usable)")
     return "\n".join(rows)

@@ -30,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.utils import unwrap_model
 
 from pipeline.errors import UserError
+from pipeline.training import te_extra_state
 
 LATEST = "latest_checkpointed_iteration.txt"
 # DistributedOptimizer state per DP shard (reshardable across DP sizes; a TP/PP/EP change restarts the
@@ -198,7 +199,9 @@ def load(ckpt: str, model_chunks, optimizer=None, scheduler=None, load_rng: bool
         raise UserError(f"{ckpt}: cannot load into this model: {_first_line(e)[:300]}") from None
     _check_accounted(ckpt, ckpt_only, model_only, missing_ok, model_only_load=optimizer is None)
     for i, m in enumerate(model_chunks):
-        missing, unexpected = unwrap_model(m).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=False)
+        chunk = te_extra_state.vetted(loaded[_model_key(i, len(model_chunks))], ckpt)
+        with te_extra_state.allow_vetted_pickles():
+            missing, unexpected = unwrap_model(m).load_state_dict(chunk, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and not any(s in k for s in missing_ok)]
         if missing:
             raise UserError(f"{ckpt}: checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]}")
