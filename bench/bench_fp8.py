@@ -3,8 +3,9 @@
     python bench/bench_fp8.py --root /tmp/fp8 [--recipe recipes/proxy_1b.yaml] [--fp8 delayed] [--steps 100]
 
 Runs the CLI as users do (one process per run, same seed, same synthetic stream): pretrain in bf16 and in FP8;
-the importance stage once on the bf16 parent; stage 1 from that permuted parent in bf16 and in FP8 (student and
-teacher in FP8). Prints, per stage and precision, tokens/s/GPU (median of the logged intervals after the first,
+the importance stage once on the bf16 parent; stage 1 from that permuted parent in bf16 and in FP8 (the FP8
+student learns from the bf16 teacher, ``stage1.teacher_fp8=false``, so both runs have the same targets;
+``--teacher-fp8``: the recipe default, teacher in FP8 too). Prints, per stage and precision, tokens/s/GPU (median of the logged intervals after the first,
 which holds compilation and autotuning), the loss at the last step and its mean over the last 10 steps, and
 FP8's relative difference to bf16; the two loss curves side by side (every tenth of the run); then each stage-1
 student's validation loss per budget (``evaluate``, bf16), the like-for-like comparison (one step's stage-1 loss
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--fp8", default="delayed", choices=["delayed", "current", "blockwise"])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--stages", nargs="+", default=["pretrain", "stage1"], choices=["pretrain", "stage1"])
+    ap.add_argument("--teacher-fp8", action="store_true",
+                    help="stage 1's teacher in FP8 too (the recipe default); without it the FP8 student learns from "
+                         "the bf16 run's exact targets (stage1.teacher_fp8=false): FP8's effect on the student alone")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides for every run")
     args = ap.parse_args()
     common = [f"run.root={args.root}", f"training.train_iters={args.steps}", "logging.log_interval=10",
@@ -87,7 +91,7 @@ def main() -> None:
         for precision, name in runs.items():
             fp8 = "none" if precision == "bf16" else args.fp8
             cli("stage1", args.recipe, *common, f"run.name={name}", f"stage1.training.fp8={fp8}",
-                f"stage1.teacher={parent}", f"stage1.training.init_from={parent}",
+                f"stage1.teacher_fp8={'true' if args.teacher_fp8 else 'false'}", f"stage1.teacher={parent}", f"stage1.training.init_from={parent}",
                 done=os.path.join(args.root, name, "stage1", "final.json"))
             results[("stage1", precision)] = summary(os.path.join(args.root, name, "stage1"))
             # each stage-1 student scored the same way (bf16, the same validation batches): one step's loss is

@@ -54,3 +54,17 @@ def test_shipped_budgets_are_reachable():
     for path in (TINY, NANO):
         recipe = load_recipe(path)
         assert recipe.elastic.budgets and recipe.elastic.target == "active"
+
+
+def test_the_teacher_runs_in_the_students_fp8_unless_teacher_fp8_is_off():
+    """``<stage>.teacher_fp8``: an FP8 stage's frozen teacher in FP8 too (the default: faster), or in bf16, so an
+    FP8 student learns from exactly a bf16 run's targets (bench/bench_fp8.py compares students that way)."""
+    from pipeline.elastic.teacher import teacher_fp8
+
+    r = load_recipe(TINY, ["stage1.training.fp8=delayed", "stage2.training.fp8=current"])
+    assert (teacher_fp8(r.stage1), teacher_fp8(r.stage2), teacher_fp8(r.distill)) == ("delayed", "current", "none")
+    r = load_recipe(TINY, ["stage1.training.fp8=delayed", "stage1.teacher_fp8=false",
+                           "distill.training.fp8=delayed", "distill.teacher_fp8=false"])
+    assert (teacher_fp8(r.stage1), teacher_fp8(r.distill)) == ("none", "none")
+    with pytest.raises(UserError, match="stage1.teacher_fp8 must be bool"):
+        load_recipe(TINY, ["stage1.teacher_fp8=maybe"])

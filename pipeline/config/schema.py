@@ -282,6 +282,7 @@ class ElasticStageConfig(TrainStageConfig):
 
     budget_weights: List[float] = value(factory=list, ge=0)  # sampling probability per elastic budget; [] = uniform
     teacher: str = "importance"  # the frozen KD teacher: a stage name (its latest checkpoint) or a checkpoint path
+    teacher_fp8: bool = True  # with training.fp8: the teacher's forward in FP8 too (false: bf16, the exact targets)
     masks: str = value("hard", one_of=("hard", "soft"))  # hard: argmax, straight-through max(p); soft: Gumbel-softmax mixture
 
 
@@ -337,6 +338,7 @@ class DistillConfig(TrainStageConfig):
     budget: str = ""  # the elastic budget whose subnet is trained ("" = refused at run time: name one)
     budgets_from: str = value("stage2", nonempty=True)  # stage name or stage dir whose elastic_budgets.json fixes it
     teacher: str = value("importance", nonempty=True)  # frozen KD teacher: a stage name or checkpoint path
+    teacher_fp8: bool = True  # with training.fp8: the teacher's forward in FP8 too (false: bf16, the exact targets)
 
 
 @dataclass

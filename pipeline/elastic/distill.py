@@ -28,7 +28,7 @@ from pipeline.elastic.masks.spec import build_elastic_model
 from pipeline.elastic.subnet import BUDGETS_FILE
 from pipeline.elastic.task import model_precision_output
 from pipeline.elastic.teacher import (build_teacher, double_hidden_shapes, freeze_expert_bias, split_stage_input,
-                                      teacher_source)
+                                      teacher_fp8, teacher_source)
 from pipeline.errors import UserError
 from pipeline.training.task import Task, check_document_mask, context_parallel_shard, mean_logs, token_mean
 
@@ -80,7 +80,7 @@ class DistillTask(Task):
     def setup(self, model_chunks, device) -> None:
         src = teacher_source(self.recipe, "distill.teacher", self.cfg.teacher)
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
-        self.teacher = build_teacher(self.recipe, src, bf16, self.cfg.training.fp8)
+        self.teacher = build_teacher(self.recipe, src, bf16, teacher_fp8(self.cfg))
         self.masks = ElasticMasks(model_chunks[0], self.recipe.model, self.recipe.elastic.axes)
         self.masks.set_subnet(self.subnet)  # fixed for the whole run
 

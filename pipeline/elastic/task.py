@@ -44,7 +44,7 @@ from pipeline.elastic.router import ElasticRouter, fetch_to_host, logit_scale_at
 from pipeline.elastic.router_slot import SLOT, attach, sync_grads
 from pipeline.elastic.subnet import BUDGETS_FILE, ResolvedBudget, budgets_to_json
 from pipeline.elastic.teacher import (build_teacher, double_hidden_shapes, freeze_expert_bias, split_stage_input,
-                                      teacher_source)
+                                      teacher_fp8, teacher_source)
 from pipeline.errors import UserError
 from pipeline.model.params import Dims
 from pipeline.training.task import Task, check_document_mask, context_parallel_shard, mean_logs, token_mean
@@ -115,7 +115,7 @@ class ElasticTask(Task):
     def setup(self, model_chunks, device) -> None:
         src = teacher_source(self.recipe, f"{self.stage}.teacher", self.cfg.teacher)
         bf16 = next(model_chunks[0].parameters()).dtype == torch.bfloat16
-        self.attach(model_chunks, build_teacher(self.recipe, src, bf16, self.cfg.training.fp8), device)
+        self.attach(model_chunks, build_teacher(self.recipe, src, bf16, teacher_fp8(self.cfg)), device)
         self.teacher_src = src
 
     def attach(self, model_chunks, teacher: torch.nn.Module, device) -> None:

@@ -40,9 +40,15 @@ def teacher_source(recipe: Recipe, key: str, value: str) -> str:
         raise UserError(f"{key}: {str(e).split(': ', 1)[-1]}") from None
 
 
+def teacher_fp8(stage_cfg) -> str:
+    """The teacher's FP8 recipe: the student's ``training.fp8``, unless ``teacher_fp8: false`` keeps it in bf16 (its
+    targets then equal a bf16 run's: what an FP8-vs-bf16 comparison of the student needs)."""
+    return stage_cfg.training.fp8 if stage_cfg.teacher_fp8 else "none"
+
+
 def build_teacher(recipe: Recipe, ckpt: str, bf16: bool, fp8: str = "none") -> torch.nn.Module:
-    """The frozen parent at ``ckpt`` (a resolved dist-checkpoint dir), this rank's pipeline stage; ``fp8``: the
-    student's ``training.fp8`` recipe (the teacher's forward runs in FP8 too)."""
+    """The frozen parent at ``ckpt`` (a resolved dist-checkpoint dir), this rank's pipeline stage; ``fp8``: its
+    FP8 recipe (``teacher_fp8``)."""
     model = build_model(recipe, torch.bfloat16 if bf16 else torch.float32, fp8=fp8)
     checkpoint.load(ckpt, [model], load_rng=False)
     freeze_expert_bias(model)
