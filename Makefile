@@ -2,6 +2,9 @@
 PY      ?= .venv/bin/python
 RECIPE  ?= recipes/tiny.yaml
 ARGS    ?=
+# <run.root>/<run.name> of RECIPE with ARGS (the demo's slices go there, not to a fixed runs/tiny)
+RUN_DIR  = $(shell $(PY) -c 'import os, sys; from pipeline.config import load_recipe; r = load_recipe(sys.argv[1], sys.argv[2:]); print(os.path.join(r.run.root, r.run.name))' $(RECIPE) $(ARGS) 2>/dev/null)
+DEMO_DIR = $(if $(RUN_DIR),$(RUN_DIR),$(error cannot resolve run.root / run.name of $(RECIPE) $(ARGS): python -m pipeline data --recipe $(RECIPE) $(ARGS) --dry-run says why))
 # LAUNCHER: local (torchrun --standalone) | slurm (python -m launchers.slurm) | nemo (python -m launchers.nemo)
 LAUNCHER ?= local
 # NPROC: ranks on this machine (LAUNCHER=local, and nemo-run's local executor)
@@ -56,10 +59,10 @@ demo: .venv/.installed  ## the whole pipeline on the tiny recipe, on CPU: data -
 	$(PY) -m pipeline stage2 --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline qad --recipe $(RECIPE) training.data=blend qad.calibration_data=blend $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --overwrite $(ARGS)
-	$(PY) -m pipeline slice --recipe $(RECIPE) --budget small --out runs/tiny/small --overwrite $(ARGS)
+	$(PY) -m pipeline slice --recipe $(RECIPE) --budget small --out $(DEMO_DIR)/small --overwrite $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --quant fp8 --overwrite $(ARGS)
 	$(PY) -m pipeline export --recipe $(RECIPE) --quant nvfp4 --overwrite $(ARGS)
-	$(PY) -m pipeline slice --recipe $(RECIPE) --checkpoint runs/tiny/elastic-nvfp4 --budget small --out runs/tiny/small-nvfp4 --overwrite $(ARGS)
+	$(PY) -m pipeline slice --recipe $(RECIPE) --checkpoint $(DEMO_DIR)/elastic-nvfp4 --budget small --out $(DEMO_DIR)/small-nvfp4 --overwrite $(ARGS)
 	$(PY) -m pipeline evaluate --recipe $(RECIPE) training.data=blend $(ARGS)
 	$(PY) -m pipeline budget-eval --recipe $(RECIPE) $(ARGS)
 
