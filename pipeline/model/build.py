@@ -15,10 +15,9 @@ from megatron.core import parallel_state
 from megatron.core.activations import squared_relu as mcore_squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
-
-from pipeline.config.schema import Recipe
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from pipeline.config.schema import Recipe
 from pipeline.errors import UserError
 from pipeline.model.spec import get_backend, hybrid_stack_spec, use_te as recipe_uses_te
 
