@@ -256,6 +256,6 @@ def format_plan(mp: MemoryPlan) -> str:
         when = f" [{PHASES[name]} phase]" if name in PHASES else ""
         rows.append(f"  {name:<24}{b / GIB:>9.2f} GiB   {note}{when}")
     verdict = "fits" if mp.fits else "does NOT fit"
-    rows.append(f"  {'peak':<24}{mp.total / GIB:>9.2f} GiB   stored terms + the larger phase; {verdict} a {mp.gpu_gib:g} GiB GPU "
-                f"(keeping {RESERVE:.0%} free: {mp.gpu_gib * (1 - RESERVE):.1f} GiB usable)")
+    rows.append(f"  {'peak':<24}{mp.total / GIB:>9.2f} GiB   stored terms + the larger phase; {verdict} a "
+                f"{mp.gpu_gib:g} GiB GPU (keeping {RESERVE:.0%} free: {mp.gpu_gib * (1 - RESERVE):.1f} GiB usable)")
     return "\n".join(rows)
