@@ -140,8 +140,9 @@ class Bench:
         return statistics.median(times), peak
 
     def profile(self, step, i: int) -> None:
-        """Where a step's time goes, from three more steps: one plain (its wall time), one that counts the host
-        syncs torch reports (``torch.cuda.set_sync_debug_mode``) by source line, one under torch.profiler (the
+        """Where a step's time goes, from four more steps: one plain (its wall time), one that counts the
+        operators dispatched by source line (each a launch on the GPU), one that counts the host syncs torch
+        reports (``torch.cuda.set_sync_debug_mode``) by source line, one under torch.profiler (the
         top kernels by GPU time and the top operators by host time). The GPU is busy for the kernels' summed
         time; the rest of the wall time it waits for the host (launches, syncs)."""
         from torch.profiler import ProfilerActivity, profile
@@ -150,11 +151,12 @@ class Bench:
         step(i)
         self.sync()
         wall = time.perf_counter() - start
+        print_op_counts(step, i + 1, self.sync, self.args.profile)
         if self.cuda:
-            print_host_syncs(step, i + 1, self.sync)
+            print_host_syncs(step, i + 2, self.sync)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         with profile(activities=activities) as prof:
-            step(i + 2)
+            step(i + 3)
             self.sync()
         averages = prof.key_averages()
         n = self.args.profile
@@ -176,6 +178,44 @@ def covered(intervals) -> float:
             total += end - max(start, reach)
             reach = end
     return total
+
+
+def op_sites(step, i: int, sync):
+    """(operators dispatched, Counter of the Python line that issued each) for one step: on a host-bound GPU step
+    every operator is a launch, so their number is the host's cost. The line is the innermost frame outside torch
+    (a backward's operators: the line that ran it, megatron's schedule; "backward (autograd engine)" when the engine
+    ran them on its own thread, as on a GPU)."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sites = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            site = "backward (autograd engine)"
+            for frame in reversed(traceback.extract_stack(limit=24)):
+                name = frame.filename
+                if os.sep + "torch" + os.sep in name or name == __file__:
+                    continue
+                where = name.split("site-packages/")[-1] if "site-packages/" in name else os.path.relpath(name, ROOT)
+                site = f"{where}:{frame.lineno}"
+                break
+            sites[site] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step(i)
+    sync()
+    return sum(sites.values()), sites
+
+
+def print_op_counts(step, i: int, sync, top: int) -> None:
+    total, sites = op_sites(step, i, sync)
+    print(f"  operators dispatched in one step: {total:,}", flush=True)
+    for site, count in sites.most_common(top):
+        print(f"    {count:6d}  {site}", flush=True)
 
 
 def print_host_syncs(step, i: int, sync) -> None:

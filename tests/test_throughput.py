@@ -30,6 +30,30 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert bench.covered([]) == 0
 
 
+def test_operators_are_counted_per_issuing_line_and_backward():
+    import importlib.util
+    import os
+
+    import torch
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_throughput.py")
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    w = torch.ones(3, requires_grad=True)
+
+    def step(i):
+        x = w * 2  # one mul
+        y = (x + i).sum()  # one add, one sum
+        y.backward()  # the backward's ops: counted on the line that runs it (megatron's schedule, in a step)
+
+    total, sites = bench.op_sites(step, 1, lambda: None)
+    line = step.__code__.co_firstlineno
+    assert total == sum(sites.values()) == 1 + 2 + sites[f"tests/test_throughput.py:{line + 3}"]
+    assert sites[f"tests/test_throughput.py:{line + 1}"] == 1 and sites[f"tests/test_throughput.py:{line + 2}"] == 2
+    assert sites[f"tests/test_throughput.py:{line + 3}"] >= 2  # mul and sum backward at least
+
+
 def test_fused_grouped_mlp_only_for_plain_te_models_of_the_supported_shape():
     import dataclasses
 
