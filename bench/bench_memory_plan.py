@@ -44,8 +44,7 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
     import torch
 
     from pipeline.config.load import for_stage, load_recipe
-    from pipeline.model import memory_plan
-    from pipeline.model.memory_plan import plan
+    from pipeline.model.memory_plan import causal_conv1d, plan
     from pipeline.model.spec import use_te
     from pipeline.training.loop import Trainer
     from pipeline.training.task import LMTask
@@ -68,36 +67,23 @@ def one_case(recipe_path: str, stage: str, seq: int, recompute: str, root: str) 
     mp = plan(r, stage, gpus=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 80.0,
               te=use_te(r.model))  # the backend this machine resolves auto to
     return {"stage": stage, "seq": seq, "recompute": recompute, "measured": measured, "plan": mp.total,
-            "terms": [(n, b) for n, b, _ in mp.lines], "causal_conv1d": memory_plan.causal_conv1d()}
+            "terms": [(n, b) for n, b, _ in mp.lines], "causal_conv1d": causal_conv1d()}
 
 
 def replan(recipe_path: str, rows: list) -> list:
-    """Measured rows of an earlier run (--out JSON) against this code's plan for the same cases, as that machine
-    resolved the Mamba conv kernel (rows without the flag: the setting that reproduces their Mamba term)."""
-    from pipeline.model import memory_plan
-
-    found = memory_plan.causal_conv1d
-    try:
-        return [_replan_row(recipe_path, row) for row in rows]
-    finally:
-        memory_plan.causal_conv1d = found
-
-
-def _replan_row(recipe_path: str, row: dict) -> dict:
+    """Measured rows of an earlier run (--out JSON) against this code's plan for the same cases, with the Mamba conv
+    kernel that machine had (rows from before the flag was recorded: the H200 bundle's causal-conv1d)."""
     from pipeline.config.load import for_stage, load_recipe
-    from pipeline.model import memory_plan
+    from pipeline.model.memory_plan import plan
 
-    r = for_stage(load_recipe(recipe_path, overrides(row["stage"], row["seq"], row["recompute"], "/nonexistent")),
-                  row["stage"])
-    options = [row["causal_conv1d"]] if "causal_conv1d" in row else [True, False]
-    stored = dict((n, b) for n, b in row.get("terms", []))
-    for available in options:
-        memory_plan.causal_conv1d = lambda available=available: available
-        mp = memory_plan.plan(r, row["stage"], gpus=1, gpu_gib=140.0, te=True)
-        mine = dict((n, b) for n, b, _ in mp.lines)
-        if len(options) == 1 or abs(mine.get("activations mamba", 0) - stored.get("activations mamba", 0)) < 1:
-            break
-    return dict(row, plan=mp.total, terms=[(n, b) for n, b, _ in mp.lines], causal_conv1d=available)
+    out = []
+    for row in rows:
+        r = for_stage(load_recipe(recipe_path, overrides(row["stage"], row["seq"], row["recompute"], "/nonexistent")),
+                      row["stage"])
+        conv_fused = row.get("causal_conv1d", True)
+        mp = plan(r, row["stage"], gpus=1, gpu_gib=140.0, te=True, conv_fused=conv_fused)
+        out.append(dict(row, plan=mp.total, terms=[(n, b) for n, b, _ in mp.lines], causal_conv1d=conv_fused))
+    return out
 
 
 def make_teacher(recipe_path: str, root: str) -> None:

@@ -180,13 +180,21 @@ def covered(intervals) -> float:
     return total
 
 
+def source_line(filename: str, lineno: int) -> str:
+    """``path:line`` relative to the repo, or to site-packages for an installed library."""
+    if "site-packages" + os.sep in filename:
+        filename = filename.split("site-packages" + os.sep)[-1]
+    elif filename.startswith(ROOT):
+        filename = os.path.relpath(filename, ROOT)
+    return f"{filename}:{lineno}"
+
+
 def op_sites(step, i: int, sync):
     """(operators dispatched, Counter of the Python line that issued each) for one step: on a host-bound GPU step
     every operator is a launch, so their number is the host's cost. The line is the innermost frame outside torch
     (a backward's operators: the line that ran it, megatron's schedule; "backward (autograd engine)" when the engine
     ran them on its own thread, as on a GPU)."""
     import collections
-    import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -194,14 +202,13 @@ def op_sites(step, i: int, sync):
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            site = "backward (autograd engine)"
-            for frame in reversed(traceback.extract_stack(limit=24)):
-                name = frame.filename
-                if os.sep + "torch" + os.sep in name or name == __file__:
-                    continue
-                where = name.split("site-packages/")[-1] if "site-packages/" in name else os.path.relpath(name, ROOT)
-                site = f"{where}:{frame.lineno}"
-                break
+            site, frame = "backward (autograd engine)", sys._getframe(1)
+            while frame is not None:
+                name = frame.f_code.co_filename
+                if os.sep + "torch" + os.sep not in name and name != __file__:
+                    site = source_line(name, frame.f_lineno)
+                    break
+                frame = frame.f_back
             sites[site] += 1
             return func(*args, **(kwargs or {}))
 
@@ -233,8 +240,7 @@ def print_host_syncs(step, i: int, sync) -> None:
             sync()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = collections.Counter(f"{os.path.relpath(w.filename, ROOT) if w.filename.startswith(ROOT) else w.filename}"
-                                f":{w.lineno}" for w in caught if "synchronizing" in str(w.message))
+    sites = collections.Counter(source_line(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message))
     print(f"  host syncs in one step: {sum(sites.values())}", flush=True)
     for site, count in sites.most_common(15):
         print(f"    {count:5d}  {site}", flush=True)
@@ -437,8 +443,8 @@ def main() -> None:
                     "model + optimizer into DIR, synchronous vs checkpointing.async_save (first combination, after the "
                     "timed steps)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="after every timed step, a profiling pass: "
-                    "per step kind its GPU-busy share of the wall time, host syncs by source line, and the N most "
-                    "expensive kernels and host operators")
+                    "per step kind the operators it dispatches and its host syncs by source line, its GPU-busy share "
+                    "of the wall time, and the N most expensive kernels and host operators")
     ap.add_argument("--micro-batch-sizes", default="", metavar="N,M", help="micro-batch sizes to time, each with "
                     "--micro-batches micro-batches (default: the recipe's stage-1 size): a step bound by the host's "
                     "launches gains tokens/s with larger micro-batches, one bound by the GPU does not")

@@ -17,7 +17,8 @@ def test_flops_per_token_counts_the_teachers_forward():
     assert flops_per_token(m, seq, teacher_forward=True) == student + teacher
 
 
-def test_gpu_busy_time_counts_overlapping_kernels_once():
+def bench_module():
+    """bench/bench_throughput.py as a module (bench/ is not a package)."""
     import importlib.util
     import os
 
@@ -25,21 +26,20 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     spec = importlib.util.spec_from_file_location("bench_throughput", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    bench = bench_module()
     # two streams overlapping on [5, 10), a nested kernel, a gap [20, 30), touching intervals
     assert bench.covered([(0, 10), (5, 15), (6, 7), (30, 40), (40, 45)]) == 30
     assert bench.covered([]) == 0
 
 
 def test_operators_are_counted_per_issuing_line_and_backward():
-    import importlib.util
-    import os
-
     import torch
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_throughput.py")
-    spec = importlib.util.spec_from_file_location("bench_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module()
     w = torch.ones(3, requires_grad=True)
 
     def step(i):

@@ -71,9 +71,10 @@ def expert_params(recipe: Recipe, sym: str) -> int:
 
 
 def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, recompute: str,
-                              modules: List[str], elastic: bool) -> Dict[str, float]:
+                              modules: List[str], elastic: bool, conv_fused: Optional[bool] = None) -> Dict[str, float]:
     """Elements saved for the backward per token of this rank's sequence shard, by part of the layer, and
-    fp32 elements separately (key ``fp32``). Sequence parallelism divides the hidden-sized tensors by tp."""
+    fp32 elements separately (key ``fp32``). Sequence parallelism divides the hidden-sized tensors by tp.
+    ``conv_fused``: the Mamba conv runs causal-conv1d's fused kernel (None: whether it imports here)."""
     z = _sizes(recipe)
     tp, etp = p.tp, p.etp
     hs = z["h"] / tp if (tp > 1 and p.sequence_parallel) else z["h"]
@@ -95,7 +96,7 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
         out["norm+in_proj"] = 2 * hs  # norm input and output (TE: fused into in_proj, the same two)
         # conv input copy, x/B/C copies the scan keeps, and without causal-conv1d (which fuses the activation
         # into the conv) the conv output too: the silu's input
-        out["conv"] = (2 if causal_conv1d() else 3) * xbc
+        out["conv"] = (2 if (causal_conv1d() if conv_fused is None else conv_fused) else 3) * xbc
         out["ssm"] = di + nh  # scan output, dt
         out["gated_norm"] = 3 * di  # y and z copies, output (out_proj's input)
         out["fp32"] = nh + z["gn"] / tp / max(recipe.model.mamba_state_dim, 1)  # dA_cumsum, rstd per group
@@ -136,9 +137,9 @@ def layer_activation_elements(sym: str, recipe: Recipe, p, seq: int, te: bool, r
 
 
 def layer_activation_bytes(sym: str, recipe: Recipe, p, seq: int, te: bool, recompute: str, modules: List[str],
-                           elastic: bool, a: float = 2.0) -> float:
+                           elastic: bool, a: float = 2.0, conv_fused: Optional[bool] = None) -> float:
     """Bytes saved for the backward per token of this rank's shard (activations of ``a`` bytes, fp32 extras)."""
-    el = layer_activation_elements(sym, recipe, p, seq, te, recompute, modules, elastic)
+    el = layer_activation_elements(sym, recipe, p, seq, te, recompute, modules, elastic, conv_fused)
     return sum(v for key, v in el.items() if key != "fp32") * a + el.get("fp32", 0.0) * 4
 
 
@@ -155,9 +156,10 @@ def stage_gpus(recipe: Recipe, stage: str) -> int:
 
 
 def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: Optional[int] = None,
-         te: Optional[bool] = None, precision: str = "bf16") -> MemoryPlan:
+         te: Optional[bool] = None, precision: str = "bf16", conv_fused: Optional[bool] = None) -> MemoryPlan:
     """The memory plan of ``stage`` (a training stage) with its own parallelism, on ``gpus`` GPUs
-    (default: the recipe's slurm nodes x GPUs per node) of ``gpu_gib`` GiB each."""
+    (default: the recipe's slurm nodes x GPUs per node) of ``gpu_gib`` GiB each. ``conv_fused``: the training
+    machine's Mamba conv is causal-conv1d's fused kernel (default: whether it imports here)."""
     if stage not in TRAIN_STAGES:
         raise ValueError(f"the memory plan is for a training stage ({', '.join(TRAIN_STAGES)}), got {stage!r}")
     from pipeline.model.spec import te_available
@@ -166,6 +168,7 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
     p, t, m = cfg.parallelism, cfg.training, recipe.model
     te = m.backend != "local" if te is None else te  # auto: a GPU cluster runs TE
     fused_ce = te  # model/build.py fuses the cross entropy with TE on a GPU
+    conv_fused = causal_conv1d() if conv_fused is None else conv_fused
     gpus = gpus or stage_gpus(recipe, stage)
     model_ranks = p.tp * p.pp * p.cp
     dp = max(gpus // model_ranks, 1)
@@ -202,10 +205,10 @@ def plan(recipe: Recipe, stage: str = "pretrain", gpu_gib: float = 80.0, gpus: O
         per_kind: Dict[str, float] = {}
         peak_layer = 0.0
         for sym in layers:
-            b = layer_activation_bytes(sym, recipe, p, seq, te, p.recompute, mods, elastic, a)
+            b = layer_activation_bytes(sym, recipe, p, seq, te, p.recompute, mods, elastic, a, conv_fused)
             per_kind[sym] = per_kind.get(sym, 0.0) + b * tokens
             if p.recompute != "none":  # the layer being recomputed holds its full activations
-                full = layer_activation_bytes(sym, recipe, p, seq, te, "none", mods, elastic, a)
+                full = layer_activation_bytes(sym, recipe, p, seq, te, "none", mods, elastic, a, conv_fused)
                 peak_layer = max(peak_layer, full * tokens)
         names = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
         for sym, b in per_kind.items():

@@ -19,6 +19,7 @@ import re
 from typing import Dict, Iterator
 
 import torch
+from megatron.core.safe_globals import SafeUnpickler, safe_load_from_bytes
 
 from pipeline.errors import UserError
 
@@ -28,8 +29,6 @@ _KEY = re.compile(r"(^|\.)_extra_state\d*$")  # TE modules; megatron's grouped l
 
 class _AllowlistUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        from megatron.core.safe_globals import SafeUnpickler, safe_load_from_bytes
-
         if (module, name) in (("torch.storage", "_load_from_bytes"), ("megatron.core.safe_globals",
                                                                         "safe_load_from_bytes")):
             return safe_load_from_bytes  # a storage's bytes: torch.load(weights_only=True), never a plain pickle
